@@ -1,0 +1,1 @@
+"""The UniMedVL DICOM node: receive, index, complete, route, export."""

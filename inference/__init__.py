@@ -1,0 +1,1 @@
+"""Model side of UniMedVL: the pure-PyTorch engine, encoders, preprocessing, workers."""

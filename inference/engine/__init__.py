@@ -1,0 +1,1 @@
+"""Pure PyTorch UniMedVL engine (no DICOM, no database, no Celery)."""

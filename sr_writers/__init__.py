@@ -1,0 +1,1 @@
+"""DICOM result objects (SR, SEG, SC, derived series) from typed model results."""
