@@ -1,0 +1,254 @@
+"""Routing rules: which model tasks run on which series of a completed study.
+
+A rule matches series by DICOM attributes and by the association they came in on, and lists
+tasks with their parameters. Every matching rule contributes its tasks (a rule with
+`stop = true` ends the search for that series). A series that matches nothing is reported as
+such by `plan_study`, so the caller can record it instead of dropping it silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+TaskKind = Literal["report", "vqa", "segment", "translate", "super_resolve", "synthesize"]
+
+
+class CodeSpec(BaseModel):
+    """A coded concept (scheme designator, value, meaning), e.g. SCT 52988006 "Lesion"."""
+
+    model_config = ConfigDict(extra="forbid")
+    scheme: str = "SCT"
+    value: str
+    meaning: str
+
+
+class SegmentTarget(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    label: str
+    category: CodeSpec = CodeSpec(value="49755003", meaning="Morphologically Altered Structure")
+    type: CodeSpec = CodeSpec(value="52988006", meaning="Lesion")
+    instruction: str | None = None  # default: "Segment the {label}."
+    threshold: int = Field(128, ge=1, le=255)
+
+
+class TaskSpec(BaseModel):
+    """One model task with its parameters; unknown keys are refused so typos surface at start-up."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: TaskKind
+    enabled: bool = True
+    prompt: str | None = None  # report instruction, edit instruction or synthesis prompt
+    questions: list[str] = []
+    targets: list[SegmentTarget] = []
+    slices: str | int = "key:3"  # all | middle | key:N | every:K
+    window: str | tuple[float, float] | None = None  # preset name, "dicom", or (center, width)
+    destinations: list[str] | None = None  # None: every configured destination
+    max_new_tokens: int = Field(512, ge=1, le=8192)
+    steps: int = Field(50, ge=1, le=1000)
+    seed: int = 0
+    size: tuple[int, int] | None = None  # synthesize only
+    labelmap: bool = False  # SEG as LABELMAP instead of BINARY
+
+    @model_validator(mode="after")
+    def _needs(self) -> TaskSpec:
+        if self.kind == "vqa" and not self.questions:
+            raise ValueError("a vqa task needs at least one entry in questions")
+        if self.kind == "segment" and not self.targets:
+            raise ValueError("a segment task needs at least one entry in targets")
+        if self.kind in ("translate", "super_resolve", "synthesize") and not self.prompt:
+            raise ValueError(f"a {self.kind} task needs a prompt")
+        return self
+
+    def parameters(self) -> dict[str, Any]:
+        """Canonical parameters (everything but `enabled`), for idempotency keys."""
+        return self.model_dump(mode="json", exclude={"enabled"})
+
+
+class MatchSpec(BaseModel):
+    """All given conditions must hold; list values mean any-of; strings compare case-insensitively."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    modality: list[str] | None = Field(None, alias="Modality")
+    body_part: list[str] | None = Field(None, alias="BodyPartExamined")
+    series_description: str | None = Field(None, alias="SeriesDescription")  # regex, searched
+    sop_class: list[str] | None = Field(None, alias="SOPClassUID")
+    calling_ae: list[str] | None = None
+    called_ae: list[str] | None = None
+
+    @field_validator("modality", "body_part", "sop_class", "calling_ae", "called_ae", mode="before")
+    @classmethod
+    def _listify(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("series_description")
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"invalid regular expression {v!r}: {exc}") from None
+        return v
+
+
+class Rule(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    match: MatchSpec = MatchSpec()
+    tasks: list[TaskSpec] = []
+    stop: bool = False
+
+
+@dataclass(frozen=True)
+class SeriesInfo:
+    """What routing looks at for one series (from the index, never from pixel data)."""
+
+    series_instance_uid: str
+    modality: str = ""
+    body_part: str = ""
+    series_description: str = ""
+    sop_classes: tuple[str, ...] = ()
+    calling_ae: str = ""
+    called_ae: str = ""
+
+
+@dataclass
+class PlannedTask:
+    rule: str
+    task: TaskSpec
+    series: list[str]  # SeriesInstanceUIDs the task runs on
+
+    def idempotency_key(self, study_uid: str, revision: int, model_version: str) -> str:
+        """(study revision, task, parameters, model version, series) -> a stable key; re-planning never duplicates."""
+        payload = {
+            "study": study_uid,
+            "revision": revision,
+            "task": self.task.kind,
+            "params": self.task.parameters(),
+            "model": model_version,
+            "series": sorted(self.series),
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class StudyPlan:
+    tasks: list[PlannedTask] = field(default_factory=list)
+    unmatched_series: list[str] = field(default_factory=list)
+
+
+def _any_ci(value: str, options: Iterable[str]) -> bool:
+    v = value.strip().upper()
+    return any(v == o.strip().upper() for o in options)
+
+
+def matches(match: MatchSpec, s: SeriesInfo) -> bool:
+    if match.modality is not None and not _any_ci(s.modality, match.modality):
+        return False
+    if match.body_part is not None and not _any_ci(s.body_part, match.body_part):
+        return False
+    if match.series_description is not None and not re.search(
+        match.series_description, s.series_description, flags=re.IGNORECASE
+    ):
+        return False
+    if match.sop_class is not None and not set(match.sop_class) & set(s.sop_classes):
+        return False
+    if match.calling_ae is not None and not _any_ci(s.calling_ae, match.calling_ae):
+        return False
+    if match.called_ae is not None and not _any_ci(s.called_ae, match.called_ae):
+        return False
+    return True
+
+
+def parse_rules(raw: Sequence[dict[str, Any]] | None) -> list[Rule]:
+    """Validate `[[rules]]` tables; None (no rules configured) gives the shipped defaults."""
+    if raw is None:
+        raw = DEFAULT_RULES
+    rules = [Rule.model_validate(r) for r in raw]
+    names = [r.name for r in rules]
+    dupes = {n for n in names if names.count(n) > 1}
+    if dupes:
+        raise ValueError(f"duplicate rule names: {', '.join(sorted(dupes))}")
+    return rules
+
+
+def plan_study(rules: Sequence[Rule], series: Sequence[SeriesInfo]) -> StudyPlan:
+    """Tasks for a study: one PlannedTask per (rule, task) with every series it matched."""
+    plan = StudyPlan()
+    by_key: dict[tuple[str, int], PlannedTask] = {}
+    for s in series:
+        matched = False
+        for rule in rules:
+            if not matches(rule.match, s):
+                continue
+            matched = True
+            for i, task in enumerate(rule.tasks):
+                if not task.enabled:
+                    continue
+                key = (rule.name, i)
+                if key not in by_key:
+                    by_key[key] = PlannedTask(rule=rule.name, task=task, series=[])
+                by_key[key].series.append(s.series_instance_uid)
+            if rule.stop:
+                break
+        if not matched:
+            plan.unmatched_series.append(s.series_instance_uid)
+    plan.tasks = list(by_key.values())
+    return plan
+
+
+# Shipped defaults: chest radiographs get a report and a few VQA questions; CT/MR get a
+# key-slice report, with segmentation and translation present but disabled until a site
+# turns them on; everything else matches nothing (and is recorded as unmatched).
+DEFAULT_RULES: list[dict[str, Any]] = [
+    {
+        "name": "chest-radiograph",
+        "match": {"Modality": ["CR", "DX"]},
+        "tasks": [
+            {
+                "kind": "report",
+                "prompt": "Write a radiology report for this chest radiograph with Findings and Impression.",
+                "slices": "all",
+            },
+            {
+                "kind": "vqa",
+                "slices": "all",
+                "questions": [
+                    "Is there a pleural effusion?",
+                    "Is there a pneumothorax?",
+                    "Is the cardiac silhouette enlarged?",
+                ],
+            },
+        ],
+    },
+    {
+        "name": "ct-mr-key-slices",
+        "match": {"Modality": ["CT", "MR"]},
+        "tasks": [
+            {
+                "kind": "report",
+                "prompt": "Describe the findings on these key slices and give an impression.",
+                "slices": "key:3",
+            },
+            {
+                "kind": "segment",
+                "enabled": False,
+                "slices": "all",
+                "targets": [{"label": "lesion"}],
+            },
+            {
+                "kind": "translate",
+                "enabled": False,
+                "slices": "all",
+                "prompt": "Translate this CT slice into the corresponding T2-weighted MR image.",
+            },
+        ],
+    },
+]

@@ -1,0 +1,80 @@
+"""Routing rules: matching, shipped defaults, validation, idempotency keys."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from dicom_node import routing as r
+
+CR = r.SeriesInfo("1.2.3.1", modality="CR", body_part="CHEST", series_description="PA", calling_ae="XRAY1")
+CT = r.SeriesInfo("1.2.3.2", modality="CT", body_part="ABDOMEN", series_description="Portal venous 1.0 mm")
+US = r.SeriesInfo("1.2.3.3", modality="US")
+
+
+def test_shipped_defaults() -> None:
+    rules = r.parse_rules(None)
+    plan = r.plan_study(rules, [CR, CT, US])
+    kinds = sorted((t.rule, t.task.kind) for t in plan.tasks)
+    assert kinds == [("chest-radiograph", "report"), ("chest-radiograph", "vqa"), ("ct-mr-key-slices", "report")]
+    assert plan.unmatched_series == ["1.2.3.3"]  # recorded, not silently dropped
+
+
+def test_match_conditions_and_stop() -> None:
+    rules = r.parse_rules(
+        [
+            {
+                "name": "thin-ct",
+                "match": {"Modality": "ct", "SeriesDescription": r"\b1\.0 ?mm", "calling_ae": ["PACS", "CT1"]},
+                "tasks": [{"kind": "report", "prompt": "x"}],
+                "stop": True,
+            },
+            {"name": "any-ct", "match": {"Modality": ["CT"]}, "tasks": [{"kind": "report", "prompt": "y"}]},
+        ]
+    )
+    from_ct1 = r.SeriesInfo("9", modality="CT", series_description="Portal 1.0 mm", calling_ae="ct1")
+    plan = r.plan_study(rules, [from_ct1])
+    assert [t.rule for t in plan.tasks] == ["thin-ct"]  # stop=True ends the search
+    other_ae = r.SeriesInfo("9", modality="CT", series_description="Portal 1.0 mm", calling_ae="MRI")
+    assert [t.rule for t in r.plan_study(rules, [other_ae]).tasks] == ["any-ct"]
+
+
+def test_series_sharing_a_task_are_grouped() -> None:
+    rules = r.parse_rules([{"name": "all-cr", "match": {"Modality": "CR"}, "tasks": [{"kind": "report"}]}])
+    a = r.SeriesInfo("1", modality="CR")
+    b = r.SeriesInfo("2", modality="CR")
+    plan = r.plan_study(rules, [a, b])
+    assert len(plan.tasks) == 1 and plan.tasks[0].series == ["1", "2"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"name": "x", "tasks": [{"kind": "vqa"}]}, "at least one entry in questions"),
+        ({"name": "x", "tasks": [{"kind": "segment"}]}, "at least one entry in targets"),
+        ({"name": "x", "tasks": [{"kind": "translate"}]}, "needs a prompt"),
+        ({"name": "x", "tasks": [{"kind": "paint"}]}, "kind"),
+        ({"name": "x", "match": {"SeriesDescription": "("}}, "invalid regular expression"),
+        ({"name": "x", "match": {"Modalty": "CT"}}, "Modalty"),
+        ({"name": "x", "tasks": [{"kind": "report", "promt": "typo"}]}, "promt"),
+    ],
+)
+def test_invalid_rules_name_the_problem(raw: dict, message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        r.parse_rules([raw])
+
+
+def test_duplicate_rule_names_refused() -> None:
+    with pytest.raises(ValueError, match="duplicate rule names: a"):
+        r.parse_rules([{"name": "a"}, {"name": "a"}])
+
+
+def test_idempotency_key_is_stable_and_sensitive() -> None:
+    rules = r.parse_rules(None)
+    t = r.plan_study(rules, [CR]).tasks[0]
+    k1 = t.idempotency_key("1.2.3", 1, "unimedvl-tiny")
+    assert k1 == r.plan_study(r.parse_rules(None), [CR]).tasks[0].idempotency_key("1.2.3", 1, "unimedvl-tiny")
+    assert k1 != t.idempotency_key("1.2.3", 2, "unimedvl-tiny")  # new revision
+    assert k1 != t.idempotency_key("1.2.3", 1, "unimedvl-14b")  # new model
+    changed = t.task.model_copy(update={"max_new_tokens": 64})
+    assert r.PlannedTask(t.rule, changed, t.series).idempotency_key("1.2.3", 1, "unimedvl-tiny") != k1
