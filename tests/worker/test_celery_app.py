@@ -1,0 +1,65 @@
+"""The Celery app's broker set-ups: durable embedded SQLite transport and RabbitMQ quorum queues."""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from pathlib import Path
+
+from celery import Celery
+from kombu import Connection
+
+from inference import celery_app as ca
+
+
+def test_relative_embedded_broker_path_is_resolved(tmp_path: Path) -> None:
+    url = ca.resolve_broker_url("sqla+sqlite:///var/broker.db", tmp_path)
+    assert url == f"sqla+sqlite:///{tmp_path}/var/broker.db"
+    assert (tmp_path / "var").is_dir()
+    assert ca.resolve_broker_url("amqp://guest@h//") == "amqp://guest@h//"
+
+
+def test_embedded_broker_keeps_messages_across_connections(tmp_path: Path) -> None:
+    url = ca.resolve_broker_url(f"sqla+sqlite:///{tmp_path}/broker.db")
+    app = ca.configure(Celery("t1"), url)
+    app.send_task("unimedvl.run_job", args=[42], queue=ca.GENERATION_QUEUE)
+    # a new connection (as after a restart) still finds the message in the SQLite file
+    with Connection(url) as conn:
+        q = conn.SimpleQueue(ca.GENERATION_QUEUE)
+        msg = q.get(timeout=10)
+        assert msg.payload[0] == [42]
+        assert msg.headers["task"] == "unimedvl.run_job"
+        msg.ack()
+        q.close()
+
+
+def test_rabbitmq_queues_are_quorum_with_dead_lettering(amqp_url: str) -> None:
+    suffix = uuid.uuid4().hex[:8]
+    app = ca.configure(Celery("t2"), amqp_url)
+    queues = [
+        type(q)(f"{q.name}.{suffix}", q.exchange, routing_key=q.routing_key, queue_arguments=q.queue_arguments)
+        for q in app.conf.task_queues
+    ]
+    with app.connection_for_write() as conn:
+        chan = conn.default_channel
+        try:
+            for q in queues:
+                q.bind(chan).declare()
+            out = subprocess.run(
+                ["rabbitmqctl", "-q", "list_queues", "name", "type", "arguments"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            ).stdout
+            lines = [line for line in out.splitlines() if suffix in line]
+            assert len(lines) == 3, out
+            for line in lines:
+                assert "quorum" in line
+            work = [line for line in lines if "dead" not in line]
+            assert all("unimedvl.dlx" in line and "x-delivery-limit" in line for line in work), work
+            # publisher confirms are on for AMQP
+            assert app.conf.broker_transport_options["confirm_publish"] is True
+            assert app.conf.task_acks_late and app.conf.worker_prefetch_multiplier == 1
+        finally:
+            for q in queues:
+                q.bind(chan).delete()
