@@ -27,6 +27,6 @@ fi
 .venv/bin/pip install -q -e '.[test]'
 
 if [ -f tests/js/package.json ] && command -v npm >/dev/null 2>&1; then
-  (cd tests/js && { [ -d node_modules ] || npm install --no-audit --no-fund --silent; })
+  (cd tests/js && { [ -d node_modules ] || npm ci --no-audit --no-fund --silent; })
 fi
 echo "setup: ready (.venv)"
