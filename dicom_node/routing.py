@@ -51,7 +51,7 @@ class TaskSpec(BaseModel):
     window: str | tuple[float, float] | None = None  # preset name, "dicom", or (center, width)
     destinations: list[str] | None = None  # None: every configured destination
     max_new_tokens: int = Field(512, ge=1, le=8192)
-    steps: int = Field(50, ge=1, le=1000)
+    steps: int = Field(50, ge=2, le=1000)  # the sampler needs at least two timesteps
     seed: int = 0
     size: tuple[int, int] | None = None  # synthesize only
     labelmap: bool = False  # SEG as LABELMAP instead of BINARY

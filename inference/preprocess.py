@@ -94,7 +94,9 @@ def decode_frames(ds: Dataset) -> np.ndarray:
     return out
 
 
-def choose_window(ds: Dataset, frame: np.ndarray, window: str | tuple[float, float] | None) -> Window | None:
+def choose_window(
+    ds: Dataset, frame: np.ndarray, window: str | tuple[float, float] | list[float] | None
+) -> Window | None:
     """Resolve a window: explicit (center, width), a preset name, "dicom", "auto" or None.
 
     None means: the dataset's own window if it has one, else the modality preset, else
@@ -102,7 +104,9 @@ def choose_window(ds: Dataset, frame: np.ndarray, window: str | tuple[float, flo
     """
     if frame.ndim == 3:
         return None
-    if isinstance(window, tuple):
+    if isinstance(window, tuple | list):  # (center, width); JSON parameters arrive as a list
+        if len(window) != 2:
+            raise PreprocessError(f"a window is [center, width], got {window!r}")
         return Window(float(window[0]), float(window[1]))
     if isinstance(window, str) and window not in ("dicom", "auto"):
         if window not in CT_PRESETS:

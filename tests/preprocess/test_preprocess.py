@@ -55,6 +55,9 @@ def test_dicom_window_is_used_and_monochrome1_is_inverted() -> None:
     ds.PhotometricInterpretation = "MONOCHROME1"
     mono1 = pp.dataset_to_images(ds)[0].pixels[0, 0, 0]
     assert int(mono1) == 255 - int(mono2)
+    assert pp.dataset_to_images(ds, window=[100, 200])[0].window == pp.Window(100.0, 200.0)
+    with pytest.raises(pp.PreprocessError, match=r"\[center, width\]"):
+        pp.dataset_to_images(ds, window=[1, 2, 3])
     with pytest.raises(pp.PreprocessError, match="unknown window preset"):
         pp.dataset_to_images(ds, window="nonsense")
 
