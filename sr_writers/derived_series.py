@@ -85,6 +85,7 @@ _LOSSY_SYNTAXES = {
     "1.2.840.10008.1.2.4.203": "ISO_15444_15",
 }
 # IODs whose image module includes the Modality LUT (rescale) attributes.
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 _RESCALE_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.2",  # CT
     "1.2.840.10008.5.1.4.1.1.128",  # PET
@@ -242,6 +243,9 @@ def write_derived_series(
             ds.RescaleIntercept, ds.RescaleSlope = 0, 1
             if "RescaleType" in src:
                 ds.RescaleType = src.RescaleType
+            elif str(src.SOPClassUID) != CT_IMAGE_STORAGE:
+                # The Modality LUT module needs RescaleType with a rescale (CT implies HU): unspecified.
+                ds.RescaleType = "US"
         if keep_source_window and "WindowCenter" in src and "WindowWidth" in src:
             ds.WindowCenter, ds.WindowWidth = src.WindowCenter, src.WindowWidth
         else:
