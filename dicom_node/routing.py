@@ -207,7 +207,29 @@ def plan_study(rules: Sequence[Rule], series: Sequence[SeriesInfo]) -> StudyPlan
 # Shipped defaults: chest radiographs get a report and a few VQA questions; CT/MR get a
 # key-slice report, with segmentation and translation present but disabled until a site
 # turns them on; everything else matches nothing (and is recorded as unmatched).
+DEMO_SERIES_PREFIX = "UNIMEDVL DEMO"
+
 DEFAULT_RULES: list[dict[str, Any]] = [
+    # Only the synthetic study that `unimedvl demo` sends: every output type, kept short.
+    {
+        "name": "demo-ct",
+        "match": {"SeriesDescription": f"^{DEMO_SERIES_PREFIX}", "Modality": ["CT"]},
+        "stop": True,
+        "tasks": [
+            {"kind": "report", "slices": "key:2", "max_new_tokens": 48},
+            {"kind": "segment", "slices": "all", "steps": 4, "targets": [{"label": "lesion"}]},
+        ],
+    },
+    {
+        "name": "demo-cr",
+        "match": {"SeriesDescription": f"^{DEMO_SERIES_PREFIX}", "Modality": ["CR", "DX"]},
+        "stop": True,
+        "tasks": [
+            {"kind": "report", "max_new_tokens": 48},
+            {"kind": "vqa", "max_new_tokens": 16, "questions": ["Is there a nodule?"]},
+            {"kind": "synthesize", "prompt": "Chest radiograph, no acute findings.", "steps": 4, "size": [256, 256]},
+        ],
+    },
     {
         "name": "chest-radiograph",
         "match": {"Modality": ["CR", "DX"]},

@@ -101,6 +101,7 @@ def configure(app: Celery, broker_url: str, *, consumer_timeout_ms: int = DEFAUL
 
 
 app = configure(
-    Celery("unimedvl"),
+    # include: `celery -A inference.celery_app worker` registers unimedvl.run_job.
+    Celery("unimedvl", include=["inference.tasks"]),
     resolve_broker_url(os.environ.get("UNIMEDVL_BROKER__URL", DEFAULT_BROKER_URL)),
 )

@@ -18,6 +18,16 @@ def test_shipped_defaults() -> None:
     kinds = sorted((t.rule, t.task.kind) for t in plan.tasks)
     assert kinds == [("chest-radiograph", "report"), ("chest-radiograph", "vqa"), ("ct-mr-key-slices", "report")]
     assert plan.unmatched_series == ["1.2.3.3"]  # recorded, not silently dropped
+    demo_ct = r.SeriesInfo("1.2.3.9", modality="CT", series_description="UNIMEDVL DEMO CT")
+    demo_cr = r.SeriesInfo("1.2.3.8", modality="CR", series_description="UNIMEDVL DEMO CR")
+    kinds = sorted((t.rule, t.task.kind) for t in r.plan_study(rules, [demo_ct, demo_cr]).tasks)
+    assert kinds == [  # the demo rules stop the search: no default chest/CT tasks on top
+        ("demo-cr", "report"),
+        ("demo-cr", "synthesize"),
+        ("demo-cr", "vqa"),
+        ("demo-ct", "report"),
+        ("demo-ct", "segment"),
+    ]
 
 
 def test_match_conditions_and_stop() -> None:

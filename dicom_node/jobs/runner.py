@@ -1,0 +1,351 @@
+"""Running one job on a worker: claim, heartbeat, load sources, run, record outputs atomically.
+
+Exactly-once outputs: output objects are written to storage first (fsync + atomic rename),
+then ONE transaction inserts their JobOutput rows, their outbox rows and marks the job done,
+and only if this worker still holds the job's claim. A worker killed before that commit
+leaves files no row references (nothing is delivered, nothing recorded); the re-run writes
+a fresh set and records it once. Unreferenced files are harmless and can be found by
+comparing storage/objects with the instance, outbox and job_output tables.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import threading
+import traceback
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from pydicom import Dataset, dcmread
+from sqlalchemy import update
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, col, select
+
+from dicom_node.export.outbox import EnqueueError, enqueue, part10_bytes
+from dicom_node.jobs.models import DONE, FAILED, PLANNED, QUEUED, RUNNING, Job, JobOutput
+from dicom_node.jobs.settings import one_line, utcnow
+from dicom_node.models import Instance, Series, Study
+from dicom_node.storage import Storage, StoredObject
+
+log = logging.getLogger("dicom_node.jobs.runner")
+
+# What execute_job reports (also the Celery task's return value, for the worker log).
+RAN_DONE = "done"
+RAN_FAILED = "failed"
+SKIPPED = "skipped"  # duplicate delivery, job done/failed/held elsewhere
+LOST = "lost"  # the claim moved to another worker while this one ran (lease expired)
+
+
+class JobInputError(Exception):
+    """The job's sources cannot be loaded (missing, unreadable); `reason` is for the job record."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class Claim:
+    job: Job  # a detached snapshot taken at claim time
+    token: str
+
+
+def claim(engine: Engine, job_id: int, worker: str | None = None, *, now: datetime | None = None) -> Claim | None:
+    """planned/queued (or running with an expired lease) -> running, attempts + 1, under a new token.
+
+    None when the job is done, failed, held by a live worker, unknown, or out of attempts (then
+    it is marked failed here, with the reason).
+    """
+    now = now or utcnow()
+    worker = worker or worker_name()
+    token = uuid.uuid4().hex
+    with Session(engine, expire_on_commit=False) as s:
+        job = s.get(Job, job_id)
+        if job is None:
+            log.warning("job %s is not in the database; message ignored", job_id)
+            return None
+        claimable = (col(Job.state).in_([PLANNED, QUEUED])) | (
+            (col(Job.state) == RUNNING) & (col(Job.lease_until) < now)  # type: ignore[operator]
+        )
+        n = s.execute(
+            update(Job)
+            .where(col(Job.id) == job_id, col(Job.attempts) < col(Job.max_attempts), claimable)
+            .values(
+                state=RUNNING,
+                attempts=Job.attempts + 1,
+                lease_until=now + timedelta(seconds=job.lease_seconds),
+                claim_token=token,
+                worker=worker[:255],
+                started_at=now,
+                updated_at=now,
+                error=None,
+            )
+            .execution_options(synchronize_session=False)
+        ).rowcount  # type: ignore[attr-defined]
+        if n:
+            s.commit()
+            s.expire_all()
+            job = s.get(Job, job_id)
+            assert job is not None
+            s.expunge(job)
+            return Claim(job, token)
+        s.rollback()
+        s.expire_all()
+        job = s.get(Job, job_id)
+        assert job is not None
+        if job.state in (PLANNED, QUEUED) and job.attempts >= job.max_attempts:
+            s.execute(
+                update(Job)
+                .where(col(Job.id) == job_id, col(Job.state).in_([PLANNED, QUEUED]))
+                .values(
+                    state=FAILED,
+                    finished_at=now,
+                    updated_at=now,
+                    error=f"gave up after {job.attempts} attempt(s) (max_attempts {job.max_attempts})",
+                )
+            )
+            s.commit()
+            log.error("job %s failed: out of attempts", job_id)
+        elif job.state == RUNNING:
+            log.info("job %s is running on %s under a valid lease; duplicate delivery ignored", job_id, job.worker)
+        else:
+            log.info("job %s is %s; duplicate delivery ignored", job_id, job.state)
+    return None
+
+
+def renew(engine: Engine, claim_: Claim, *, now: datetime | None = None) -> bool:
+    """Extend the lease; False when this worker no longer holds the job."""
+    now = now or utcnow()
+    with Session(engine) as s:
+        n = s.execute(
+            update(Job)
+            .where(col(Job.id) == claim_.job.id, col(Job.claim_token) == claim_.token, col(Job.state) == RUNNING)
+            .values(lease_until=now + timedelta(seconds=claim_.job.lease_seconds), updated_at=now)
+        ).rowcount  # type: ignore[attr-defined]
+        s.commit()
+    return bool(n)
+
+
+class Heartbeat:
+    """Renews the lease every lease/3 seconds while the model runs (a daemon thread)."""
+
+    def __init__(self, engine: Engine, claim_: Claim) -> None:
+        self.engine = engine
+        self.claim = claim_
+        self.interval = max(0.2, claim_.job.lease_seconds / 3)
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"job-{claim_.job.id}-heartbeat", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                if not renew(self.engine, self.claim):
+                    self.lost.set()
+                    log.warning(
+                        "job %s: claim lost (lease expired and re-queued); result will be dropped", self.claim.job.id
+                    )
+                    return
+            except Exception as exc:  # DB hiccup: the next beat tries again, the lease has margin
+                log.warning("job %s: lease renewal failed (%s)", self.claim.job.id, type(exc).__name__)
+
+
+def load_datasets(engine: Engine, storage: Storage, job: Job) -> list[Dataset]:
+    """The job's source instances, read from storage paths recorded in the index (never from received values)."""
+    with Session(engine) as s:
+        study = s.exec(select(Study).where(Study.study_instance_uid == job.study_instance_uid)).first()
+        if study is None:
+            raise JobInputError("the study is no longer in the index")
+        rows = s.exec(
+            select(Instance.relpath, Instance.sha256)
+            .join(Series, col(Series.id) == Instance.series_pk)
+            .where(
+                Instance.study_pk == study.id,
+                col(Series.series_instance_uid).in_(list(job.series_uids)),
+                Instance.revision <= job.revision,
+            )
+            .order_by(col(Series.series_instance_uid), col(Instance.instance_number), col(Instance.id))
+        ).all()
+    if not rows:
+        raise JobInputError("none of the job's series has instances in the index")
+    datasets = []
+    for relpath, _sha in rows:
+        try:
+            datasets.append(dcmread(storage.path(relpath)))
+        except FileNotFoundError:
+            raise JobInputError("a source instance file is missing from storage") from None
+        except Exception as exc:
+            raise JobInputError(f"a source instance cannot be read: {one_line(str(exc), 300)}") from None
+    return datasets
+
+
+class _Prewritten:
+    """Storage for enqueue() that returns objects this job already wrote (so the DB transaction
+    does no disk writes); anything else goes to the real storage."""
+
+    def __init__(self, storage: Storage, written: dict[str, StoredObject]) -> None:
+        self.storage = storage
+        self.written = written
+
+    def write(self, data: bytes) -> StoredObject:
+        found = self.written.get(hashlib.sha256(data).hexdigest())
+        return found if found is not None else self.storage.write(data)
+
+
+@dataclass
+class Output:
+    dataset: Dataset
+    kind: str
+    source_series_uid: str | None = None
+
+
+def complete(
+    engine: Engine,
+    storage: Storage,
+    claim_: Claim,
+    outputs: Sequence[Output],
+    destinations: Sequence[str],
+    *,
+    summary: str | None = None,
+    model_info: dict[str, Any] | None = None,
+) -> list[JobOutput] | None:
+    """Store outputs, then record them + their outbox rows + job done in one transaction.
+
+    None when the claim was lost meanwhile (another worker owns the job now): nothing recorded.
+    """
+    encoded: list[tuple[bytes, Dataset, StoredObject, Output]] = []
+    written: dict[str, StoredObject] = {}
+    for o in outputs:
+        data, header = part10_bytes(o.dataset)
+        stored = storage.write(data)  # durable before any row points at it
+        written[stored.sha256] = stored
+        encoded.append((data, header, stored, o))
+    pre = _Prewritten(storage, written)
+    now = utcnow()
+    job_id = claim_.job.id
+    with Session(engine, expire_on_commit=False) as s:
+        # Lock the job row first (PostgreSQL; SQLite's BEGIN IMMEDIATE already serialises writers)
+        # so the sweeper cannot re-queue it between this check and the commit.
+        job = s.exec(select(Job).where(Job.id == job_id).with_for_update()).one()
+        if job.state != RUNNING or job.claim_token != claim_.token:
+            s.rollback()
+            return None
+        records = []
+        for data, header, stored, o in encoded:
+            outbox_ids: list[int] = []
+            if destinations:
+                rows = enqueue(s, pre, data, destinations, job_id=job_id, now=now)
+                outbox_ids = [r.id for r in rows if r.id is not None]
+            record = JobOutput(
+                job_id=job_id or 0,
+                sop_instance_uid=str(header.SOPInstanceUID),
+                sop_class_uid=str(header.SOPClassUID),
+                series_instance_uid=str(header.get("SeriesInstanceUID", "")) or None,
+                source_series_uid=o.source_series_uid,
+                kind=o.kind,
+                relpath=stored.relpath,
+                sha256=stored.sha256,
+                size=stored.size,
+                outbox_ids=outbox_ids,
+                created_at=now,
+            )
+            s.add(record)
+            records.append(record)
+        job.state = DONE
+        job.finished_at = now
+        job.updated_at = now
+        job.lease_until = None
+        job.error = None
+        job.summary = summary
+        job.model_info = model_info
+        s.add(job)
+        s.commit()
+    return records
+
+
+def fail(engine: Engine, claim_: Claim, reason: str, *, now: datetime | None = None) -> bool:
+    now = now or utcnow()
+    with Session(engine) as s:
+        n = s.execute(
+            update(Job)
+            .where(col(Job.id) == claim_.job.id, col(Job.claim_token) == claim_.token, col(Job.state) == RUNNING)
+            .values(state=FAILED, error=one_line(reason), finished_at=now, updated_at=now, lease_until=None)
+        ).rowcount  # type: ignore[attr-defined]
+        s.commit()
+    return bool(n)
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One readable line for the job record (the traceback goes to the log only)."""
+    # PipelineError and JobInputError carry `reason`: one sentence written for the job record.
+    reason = getattr(exc, "reason", None)
+    if isinstance(reason, str) and reason.strip():
+        return one_line(reason)
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return one_line(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
+
+
+RunFn = Callable[[Job, list[Dataset]], tuple[list[Output], str | None, dict[str, Any] | None]]
+
+
+def execute_job(
+    engine: Engine,
+    storage: Storage,
+    job_id: int,
+    run: RunFn,
+    destinations: Callable[[Job], Sequence[str]],
+    *,
+    worker: str | None = None,
+) -> str:
+    """Claim and run one job end to end; never raises for a job's own failure."""
+    c = claim(engine, job_id, worker)
+    if c is None:
+        return SKIPPED
+    log.info("job %s (%s) claimed: attempt %d of %d", job_id, c.job.kind, c.job.attempts, c.job.max_attempts)
+    with Heartbeat(engine, c) as hb:
+        try:
+            datasets = load_datasets(engine, storage, c.job)
+            outputs, summary, model_info = run(c.job, datasets)
+            if hb.lost.is_set():
+                return LOST
+            recorded = complete(
+                engine, storage, c, outputs, destinations(c.job), summary=summary, model_info=model_info
+            )
+        except EnqueueError as exc:
+            log.error("job %s: an output cannot be queued for delivery: %s", job_id, exc)
+            fail(engine, c, f"an output object cannot be queued for delivery: {exc}")
+            return RAN_FAILED
+        except Exception as exc:
+            reason = failure_reason(exc)
+            log.error("job %s failed: %s\n%s", job_id, reason, traceback.format_exc())
+            # If even this write fails (DB down), the lease runs out and the sweeper re-queues the job.
+            fail(engine, c, reason)
+            return RAN_FAILED
+    if recorded is None:
+        log.warning("job %s: claim lost before recording results; another run owns it", job_id)
+        return LOST
+    log.info("job %s done: %d output object(s)", job_id, len(recorded))
+    return RAN_DONE
+
+
+def outputs_of(engine: Engine, job_id: int) -> list[JobOutput]:
+    with Session(engine, expire_on_commit=False) as s:
+        return list(s.exec(select(JobOutput).where(JobOutput.job_id == job_id).order_by(col(JobOutput.id))))
