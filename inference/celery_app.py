@@ -69,9 +69,22 @@ def task_queues(amqp: bool, consumer_timeout_ms: int = DEFAULT_CONSUMER_TIMEOUT_
         # (deploy/rabbitmq.conf sets it above the longest task as well).
         "x-consumer-timeout": consumer_timeout_ms,
     }
+    return [Queue(q, exchange, routing_key=q, queue_arguments=args) for q in (UNDERSTANDING_QUEUE, GENERATION_QUEUE)]
+
+
+def dead_letter_queue() -> Queue:
+    """Where RabbitMQ puts messages past their delivery limit. Not in task_queues, so no worker
+    (not even a plain `celery worker` without -Q) consumes it: an operator inspects it."""
     dlx = Exchange(DEAD_LETTER_EXCHANGE, type="fanout", durable=True)
-    work = [Queue(q, exchange, routing_key=q, queue_arguments=args) for q in (UNDERSTANDING_QUEUE, GENERATION_QUEUE)]
-    return [*work, Queue(DEAD_LETTER_QUEUE, dlx, routing_key="#", queue_arguments={"x-queue-type": "quorum"})]
+    return Queue(DEAD_LETTER_QUEUE, dlx, routing_key="#", queue_arguments={"x-queue-type": "quorum"})
+
+
+def declare_dead_letter_queue(app: Celery) -> None:
+    """Declare the dead-letter exchange and queue (RabbitMQ only; idempotent)."""
+    if not is_amqp(app.conf.broker_url):
+        return
+    with app.connection_for_write() as conn:
+        dead_letter_queue().bind(conn.default_channel).declare()
 
 
 def configure(app: Celery, broker_url: str, *, consumer_timeout_ms: int = DEFAULT_CONSUMER_TIMEOUT_MS) -> Celery:

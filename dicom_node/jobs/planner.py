@@ -45,10 +45,16 @@ class Publisher:
         self.broker_url = resolve_broker_url(broker_url)
         self.app = configure(Celery("unimedvl-planner"), self.broker_url)
         self._lock = threading.Lock()
+        self._dead_letter_declared = False
 
     def publish(self, job_id: int, queue: str) -> None:
         # Publisher confirms on RabbitMQ (confirm_publish): returning means the broker has it.
         with self._lock:
+            if not self._dead_letter_declared:  # before any message can be dead-lettered
+                from inference.celery_app import declare_dead_letter_queue
+
+                declare_dead_letter_queue(self.app)
+                self._dead_letter_declared = True
             self.app.send_task(
                 TASK_NAME,
                 args=[job_id],

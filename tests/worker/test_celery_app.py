@@ -38,8 +38,9 @@ def test_rabbitmq_queues_are_quorum_with_dead_lettering(amqp_url: str) -> None:
     app = ca.configure(Celery("t2"), amqp_url)
     queues = [
         type(q)(f"{q.name}.{suffix}", q.exchange, routing_key=q.routing_key, queue_arguments=q.queue_arguments)
-        for q in app.conf.task_queues
+        for q in [*app.conf.task_queues, ca.dead_letter_queue()]
     ]
+    assert ca.DEAD_LETTER_QUEUE not in {q.name for q in app.conf.task_queues}  # no worker consumes it
     with app.connection_for_write() as conn:
         chan = conn.default_channel
         try:
