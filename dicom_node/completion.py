@@ -16,7 +16,6 @@ the next poll (at-least-once: subscribers must be idempotent per (study, revisio
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -37,6 +36,7 @@ from dicom_node.models import (
     Study,
     StudyRevision,
 )
+from dicom_node.periodic import Periodic
 
 log = logging.getLogger("dicom_node.completion")
 
@@ -72,8 +72,7 @@ class CompletionMonitor:
         self.force = timedelta(seconds=c.force_complete_seconds)
         self.interval = c.check_interval_seconds
         self._subscribers: list[Subscriber] = []
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop = Periodic("completion-monitor", self.poll, lambda: self.interval, log)
 
     def on_study_complete(self, callback: Subscriber) -> Subscriber:
         """Register a subscriber (usable as a decorator)."""
@@ -201,20 +200,7 @@ class CompletionMonitor:
     # ------------------------------------------------------------------ background loop
 
     def start(self) -> None:
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="completion-monitor", daemon=True)
-        self._thread.start()
+        self._loop.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.poll()
-            except Exception:
-                log.exception("completion poll failed")
-            self._stop.wait(self.interval)
+        self._loop.stop(timeout)

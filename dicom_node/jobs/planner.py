@@ -27,6 +27,7 @@ from sqlmodel import Session, col, select
 from dicom_node.jobs.models import DONE, FAILED, PLANNED, QUEUED, RUNNING, Job, StudyPlanRecord
 from dicom_node.jobs.settings import JobSettings, as_utc, model_version, utcnow
 from dicom_node.models import Instance, Series, Study
+from dicom_node.periodic import Periodic
 from dicom_node.routing import Rule, SeriesInfo, plan_study
 
 log = logging.getLogger("dicom_node.jobs.planner")
@@ -145,8 +146,7 @@ class Planner:
         self.jobs = jobs or JobSettings()
         self.model_version = model_version(model)
         self.queues = TASK_QUEUES
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop = Periodic("job-sweeper", self.sweep, lambda: self.jobs.sweep_interval_seconds, log)
 
     @classmethod
     def from_settings(cls, settings: Any, engine: Engine, publisher: Publisher | None = None) -> Planner:
@@ -341,23 +341,10 @@ class Planner:
 
     def start(self) -> None:
         """Run the sweeper every `sweep_interval_seconds` in a daemon thread (the first pass at once)."""
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="job-sweeper", daemon=True)
-        self._thread.start()
+        self._loop.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.sweep()
-            except Exception:
-                log.exception("job sweep failed")
-            self._stop.wait(self.jobs.sweep_interval_seconds)
+        self._loop.stop(timeout)
 
 
 def counts(engine: Engine) -> dict[str, int]:
