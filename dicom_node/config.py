@@ -139,14 +139,14 @@ class CompletionSettings(_Section):
     study_quiet_seconds: float = Field(60.0, gt=0)
     series_quiet_seconds: float = Field(30.0, gt=0)
     force_complete_seconds: float = Field(3600.0, gt=0)
-    check_interval_seconds: float = Field(1.0, gt=0)
+    check_interval_seconds: float = Field(0.25, gt=0)
 
 
 class ExportSettings(_Section):
     max_attempts: int = Field(8, ge=1)
     backoff_initial_seconds: float = Field(5.0, gt=0)
     backoff_max_seconds: float = Field(600.0, gt=0)
-    poll_seconds: float = Field(1.0, gt=0)
+    poll_seconds: float = Field(0.25, gt=0)
 
 
 class DestinationSettings(_Section):

@@ -9,11 +9,12 @@ DIMSE status, a short ErrorComment and a reason recorded in the rejection log.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import logging
+import os
 import re
 import threading
-from _thread import LockType
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -272,6 +273,44 @@ def _insert(engine: Engine) -> Callable[..., Any]:
     return insert
 
 
+class _SQLiteWriterQueue:
+    """Blocking hand-over of the SQLite write lock: a threading.Lock within this process and an
+    flock() on `<db>.writer-lock` across listener processes (the kernel wakes the next waiter)."""
+
+    def __init__(self, database: str | None) -> None:
+        self._lock = threading.Lock()
+        self._fd = -1
+        if database and database != ":memory:" and not database.startswith("file:"):
+            try:
+                self._fd = os.open(f"{database}.writer-lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError:  # read-only folder: the threading.Lock alone still helps
+                self._fd = -1
+
+    def busy(self) -> bool:
+        return self._lock.locked()
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+        if self._fd >= 0:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+            except OSError:
+                pass  # best effort: SQLite's own locking keeps it correct
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd >= 0:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+            except OSError:
+                pass
+        self._lock.release()
+
+    def __del__(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
 class Ingest:
     """Stores and indexes received instances; thread-safe (one DB transaction per instance)."""
 
@@ -293,11 +332,11 @@ class Ingest:
         self._ids: dict[tuple[str, str], int] = {}
         # SQLite has one writer at a time, and a writer that finds the database locked sleeps in
         # SQLite's busy handler (1, 2, 5, 10 ... 100 ms back-off) instead of being woken when the
-        # lock frees: with 8 associations that back-off, not the work, set the pace. Queueing this
-        # process's index transactions on a lock hands the database over at once. Other processes
-        # (listeners = N, the CLI) still meet busy_timeout as before.
-        self._write_lock: threading.Lock | contextlib.nullcontext[None] = (
-            threading.Lock() if engine.dialect.name == "sqlite" else contextlib.nullcontext()
+        # lock frees: with 8 associations that back-off, not the work, set the pace. Queueing the
+        # index transactions (of this process's threads, and of every listener process) hands the
+        # database over at once. Other writers (completion monitor, CLI) still meet busy_timeout.
+        self._write_lock: _SQLiteWriterQueue | contextlib.nullcontext[None] = (
+            _SQLiteWriterQueue(engine.url.database) if engine.dialect.name == "sqlite" else contextlib.nullcontext()
         )
         # Storage writes run here, beside the parse and the index statements of the same instance.
         self._writer = ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="storage-write")
@@ -332,14 +371,17 @@ class Ingest:
         relpath = self.storage.allocate()
         pending = self._writer.submit(self.storage.write, (head, dataset), relpath=relpath)
         try:
+            # Hash first: hashlib releases the GIL on large buffers, which lets the writer thread
+            # start at once instead of waiting for the pure-Python parse to yield the GIL. (The
+            # writer hashes the same bytes on the other core; the digests are compared below.)
+            digest = hashlib.sha256(head)
+            digest.update(dataset)
+            sha = digest.hexdigest()
             tags = parse_tags(head, dataset)
             if affected_sop_class_uid and tags.sop_class_uid != str(affected_sop_class_uid):
                 raise Refused(DATASET_MISMATCH, "SOPClassUID differs from the request", "sop_class_mismatch")
             if affected_sop_instance_uid and tags.sop_instance_uid != str(affected_sop_instance_uid):
                 raise Refused(DATASET_MISMATCH, "SOPInstanceUID differs from the request", "sop_instance_mismatch")
-            digest = hashlib.sha256(head)  # hashlib releases the GIL: runs beside the writer's own pass
-            digest.update(dataset)
-            sha = digest.hexdigest()
             # Identical re-sends are recognised inside the index transaction (and their copy removed):
             # a separate look-up first would cost every new instance an extra round trip.
             outcome, drop_relpath = self._index(tags, relpath, sha, size, transfer_syntax_uid, peer, pending)
@@ -417,7 +459,7 @@ class Ingest:
         peer: Peer,
         pending: Future[StoredObject],
     ) -> tuple[Outcome, str | None]:
-        if isinstance(self._write_lock, LockType) and self._write_lock.locked():
+        if isinstance(self._write_lock, _SQLiteWriterQueue) and self._write_lock.busy():
             # Another association holds SQLite: wait for our bytes outside its queue, so the lock is
             # held only for work that cannot overlap.
             self._stored(pending, sha)

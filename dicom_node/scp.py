@@ -31,6 +31,7 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
+from pynetdicom import association as _pynetdicom_association
 from pynetdicom.acse import ACSE
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import _STORAGE_CLASSES, Verification
@@ -89,12 +90,68 @@ class AccessPolicy:
         return None
 
 
+# Longest idle wait of a DUL thread in select(); data and our own responses wake it earlier.
+IDLE_WAIT = 0.02
+# Longest idle wait of an association reactor; DIMSE messages and release/abort wake it earlier.
+REACTOR_IDLE_WAIT = 0.02
+
+
+class _ReactorClock:
+    """Stands in for the `time` module inside pynetdicom.association.
+
+    An association's reactor polls its queues with `time.sleep(0.001)` between looks, so every
+    received C-STORE waits up to a millisecond (more on a loaded machine) before its handler
+    runs, and 8 idle associations wake 8,000 times a second to compete for the GIL. In the
+    acceptor threads of this listener that sleep becomes a wait on an event which the arrival
+    of a DIMSE message or of a release/abort primitive sets, so the handler starts at once and
+    an idle reactor wakes only every REACTOR_IDLE_WAIT (timers, kill flag, a dead DUL thread).
+    Every other thread sleeps as before.
+    """
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def attach(self, *queues: Any) -> None:
+        """Call in the association's own thread: wake its reactor when one of `queues` gets an item."""
+        event = threading.Event()
+        self._local.event = event
+        for q in queues:
+            q.put = _put_and_set(q.put, event)
+
+    def sleep(self, seconds: float) -> None:
+        event = getattr(self._local, "event", None)
+        if event is None:
+            time.sleep(seconds)
+            return
+        # An item put after this clear() sets the event again; one put before it is already in
+        # its queue, which the reactor reads next.
+        event.wait(REACTOR_IDLE_WAIT if seconds <= 0.001 else seconds)
+        event.clear()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+def _put_and_set(put: Callable[..., None], event: threading.Event) -> Callable[..., None]:
+    def put_and_wake(item: Any, *args: Any, **kwargs: Any) -> None:
+        put(item, *args, **kwargs)
+        event.set()
+
+    return put_and_wake
+
+
+_REACTOR_CLOCK = _ReactorClock()
+_pynetdicom_association.time = _REACTOR_CLOCK  # type: ignore[attr-defined]
+
+
 class GatewayACSE(ACSE):
     """ACSE that applies the AccessPolicy before pynetdicom's own acceptor negotiation."""
 
     policy: AccessPolicy
 
     def _negotiate_as_acceptor(self) -> None:
+        # Runs in the association's thread, before its reactor starts serving DIMSE messages.
+        _REACTOR_CLOCK.attach(self.assoc.dimse.msg_queue, self.assoc.dul.to_user_queue)
         rq = self.requestor.primitive
         peer = Peer(
             calling_ae=short_ae(rq.calling_ae_title),
@@ -115,8 +172,6 @@ class GatewayACSE(ACSE):
 
 
 _QUICKACK = getattr(socket, "TCP_QUICKACK", None)
-# Longest idle wait of a DUL thread in select(); data and our own responses wake it earlier.
-IDLE_WAIT = 0.02
 
 
 def _close_fds(*fds: int) -> None:
