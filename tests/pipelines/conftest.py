@@ -44,10 +44,8 @@ def cr_image(tmp_path) -> Dataset:
 @pytest.fixture(scope="session")
 def engine():
     """The tiny demo model (random weights, CPU): the real engine code path, small and fast."""
-    try:
-        from inference.engine import load_engine
-    except ImportError as exc:  # the engine package lands separately; say so instead of erroring
-        pytest.skip(f"inference.engine.load_engine is not available: {exc}")
+    from inference.engine import load_engine
+
     return load_engine("tiny")
 
 
