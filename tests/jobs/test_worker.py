@@ -222,7 +222,7 @@ def test_worker_killed_mid_task_outputs_exactly_once(
     publisher = Publisher(settings.broker.url)
     planner = Planner(
         engine,
-        parse_rules(slow_rules(150)),
+        parse_rules(slow_rules(8000)),  # several seconds even on an idle machine
         publisher,
         jobs=JobSettings(lease_seconds=5, sweep_interval_seconds=0.5, planned_grace_seconds=1, max_attempts=4),
     )
@@ -271,7 +271,7 @@ def test_rabbitmq_restart_mid_run_loses_nothing(
     publisher = Publisher(settings.broker.url)
     planner = Planner(
         engine,
-        parse_rules(slow_rules(60)),
+        parse_rules(slow_rules(2000)),
         publisher,
         jobs=JobSettings(lease_seconds=10, sweep_interval_seconds=0.5, planned_grace_seconds=1),
     )
