@@ -18,6 +18,7 @@ import hashlib
 import os
 import re
 import shutil
+import signal
 import threading
 import uuid
 from collections.abc import Iterable
@@ -60,6 +61,7 @@ class Storage:
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self.objects_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._crash_at = os.environ.get("UNIMEDVL_CRASH_AT")
         self._shard: Path | None = None
         self._shard_left = 0
         self._ensure_top_level()
@@ -173,10 +175,50 @@ class Storage:
             final = final_dir / f"{name}.dcm"
             os.replace(tmp, final)
             _fsync_dir(final_dir)
+            self.crash_point("after_rename")
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
         return StoredObject(relpath=final.relative_to(self.root).as_posix(), sha256=digest.hexdigest(), size=size)
+
+    # ------------------------------------------------------------------ reconciliation
+
+    def objects_since(self, since: float | None) -> list[str]:
+        """Relpaths of stored objects in shard directories modified at or after `since` (epoch s).
+
+        A directory's mtime moves when an object is renamed into it, so with `since` = the last
+        reconciliation (minus a margin) only the shards written since then are listed.
+        """
+        found: list[str] = []
+        for top in sorted(self.objects_dir.iterdir()):
+            if not top.is_dir():
+                continue
+            for shard in sorted(top.iterdir()):
+                if not shard.is_dir() or (since is not None and shard.stat().st_mtime < since):
+                    continue
+                for p in shard.iterdir():
+                    rel = p.relative_to(self.root).as_posix()
+                    if _ALLOCATED.fullmatch(rel):
+                        found.append(rel)
+        return found
+
+    def quarantine(self, relpath: str, reason: str) -> Path:
+        """Move an object out of `objects/` into `quarantine/` with a `.reason` file beside it."""
+        src = self.path(relpath)
+        qdir = self.root / "quarantine"
+        qdir.mkdir(exist_ok=True)
+        dst = qdir / src.name
+        (qdir / f"{src.name}.reason").write_text(reason + "\n")
+        os.replace(src, dst)
+        _fsync_dir(qdir)
+        _fsync_dir(src.parent)
+        return dst
+
+    def crash_point(self, name: str) -> None:
+        """Fault injection for crash tests: SIGKILL this process at `name` when
+        UNIMEDVL_CRASH_AT names it (never set in production)."""
+        if self._crash_at == name:
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def remove(self, relpath: str) -> None:
         self.path(relpath).unlink(missing_ok=True)

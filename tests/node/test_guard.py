@@ -167,6 +167,9 @@ def test_slow_peers_lose_their_slot(behaviour: str, make_settings: Any, start_no
     reasons = _reasons(node, 3)
     assert reasons.count("associate_timeout") == 2 and "too_many_connections" in reasons
     # The slots are free again for a real modality.
+    deadline = time.monotonic() + 5
+    while node.listener.guard.connections("127.0.0.1") and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert store(node.port, [make_ct()])[0].Status == 0
 
 
