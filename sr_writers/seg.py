@@ -26,6 +26,7 @@ from pydicom.sr.codedict import codes
 from .common import SourceError, apply_provenance, contributing_equipment, copy_identity, finish, series_description
 from .geometry import SourceGeometry, source_geometry
 from .results import Code, Provenance, Segment, SegmentationResult
+from .source_prep import for_highdicom
 from .uids import new_uid
 
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -113,6 +114,7 @@ def write_seg(
     seg_type = segmentation_type.upper()
     if seg_type not in SEGMENTATION_TYPES:
         raise ValueError(f"segmentation_type must be one of {SEGMENTATION_TYPES}, not {segmentation_type!r}")
+    sources, replaced = for_highdicom(sources)
     geom = source_geometry(sources)
     stack = stacked_masks(result, geom)
     pixels = _labelmap(stack) if seg_type == "LABELMAP" else stack
@@ -139,7 +141,7 @@ def write_seg(
     seg.SeriesDescription = series_description(series_text, provenance)
     if "BodyPartExamined" in geom.datasets[0]:
         seg.BodyPartExamined = geom.datasets[0].BodyPartExamined
-    return finish(seg, provenance.uid_root)
+    return finish(seg, provenance.uid_root, replaced)
 
 
 def _code(seq) -> Code:
