@@ -18,9 +18,11 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 
+import pydicom.charset
 from pydicom import Dataset
 from pydicom.dataelem import DataElement
 from pydicom.uid import UID
+from pydicom.valuerep import PersonName
 
 UTF8 = "ISO_IR 192"
 _CHARSET_TAG = 0x00080005
@@ -51,35 +53,71 @@ RETIRED_SUCCESSORS = {
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 
 
+def _complete_pydicom_charsets() -> None:
+    """Fill two gaps of pydicom 3.0's character set tables, once at import (no entry replaced).
+
+    ISO_IR 203 (Latin alphabet No. 9, PS3.3 Table C.12-2/C.12-3; escape ESC 02/13 06/02) is a
+    defined term pydicom lacks: it would decode such sources as Latin-1 (wrong for Œ, œ, Š, Ž, €).
+
+    ISO 2022 IR 58 (GB 2312, PS3.5 Annex K): pydicom hands the bytes with their escape sequence to
+    Python's gb2312 codec, which does not know ISO 2022 escapes, so names decode as "$)A王" and
+    encode without the escape. Handled like ISO 2022 IR 149 (split at the escapes, decode each
+    fragment), decoding and encoding give the bytes of the standard's example.
+    """
+    charset = pydicom.charset
+    charset.python_encoding.setdefault("ISO_IR 203", "iso8859_15")
+    charset.python_encoding.setdefault("ISO 2022 IR 203", "iso8859_15")
+    charset.CODES_TO_ENCODINGS.setdefault(charset.ESC + b"-b", "iso8859_15")
+    charset.ENCODINGS_TO_CODES.setdefault("iso8859_15", charset.ESC + b"-b")
+    charset.handled_encodings = tuple(e for e in charset.handled_encodings if e != "iso_ir_58")
+
+
+_complete_pydicom_charsets()
+
+
 def current_sop_class(sop_class_uid: str) -> str:
     """The SOP class a new object derived from ``sop_class_uid`` is written in: its successor if retired."""
     return RETIRED_SUCCESSORS.get(str(sop_class_uid), str(sop_class_uid))
 
 
-def _shallow_copy(src: Dataset) -> Dataset:
-    """New Dataset with copies of the (already decoded) elements; pixel bytes are shared, not copied.
+def _person_name(value):
+    # str() decodes with the encodings the value was read with (all three component groups);
+    # the new PersonName has no encoded form yet, so it is encoded in UTF-8 on write.
+    return PersonName(str(value)) if value not in (None, "") else value
 
-    Element objects are copied because pydicom assigns into an existing element: a shared one
-    would let our edits leak into the caller's dataset. Sequences are deep-copied (they are small)."""
+
+def _decoded_copy(src: Dataset) -> Dataset:
+    """New Dataset whose text values are ``str``, decoded with ``src``'s own declaration.
+
+    Iterating a pydicom Dataset converts each raw element with the dataset's (or, in a sequence
+    item, the parent's) character set. PN values are rebuilt from their decoded text: pydicom's
+    in-place ``Dataset.decode`` would re-encode an in-memory name with Latin-1 and decode it with
+    the declared set (mojibake), so it is not used. Non-text elements are shallow copies (pixel
+    bytes shared, not copied); a copy, because pydicom assigns into an existing element and a
+    shared one would let our edits leak into the caller's dataset."""
     out = Dataset()
     for elem in src:
-        out.add(copy.deepcopy(elem) if elem.VR == "SQ" else copy.copy(elem))
-    meta = getattr(src, "file_meta", None)
-    if meta is not None:
-        out.file_meta = meta
+        if elem.VR == "SQ":
+            out.add(DataElement(elem.tag, "SQ", [_decoded_copy(item) for item in elem.value]))
+        elif elem.VR == "PN":
+            value = [_person_name(v) for v in elem.value] if elem.VM > 1 else _person_name(elem.value)
+            out.add(DataElement(elem.tag, "PN", value))
+        else:
+            out.add(copy.copy(elem))
     return out
 
 
 def writable_source(src: Dataset) -> Dataset:
     """A copy of ``src`` with every text value decoded, ``ISO_IR 192`` declared and the Type 2
-    identity attributes present (empty when the source lacks them).
+    identity attributes present (empty when the source lacks them). ``src`` is not changed.
 
-    ``src`` itself is only decoded in place (pydicom ``Dataset.decode``: its values become ``str``,
-    its declaration is kept, so it still writes the same bytes). Undecodable bytes become U+FFFD
-    with a pydicom warning (pydicom's default reading validation), never an exception.
+    Undecodable bytes become U+FFFD with a pydicom warning (pydicom's default reading
+    validation), never an exception.
     """
-    src.decode()
-    out = _shallow_copy(src)
+    out = _decoded_copy(src)
+    meta = getattr(src, "file_meta", None)
+    if meta is not None:
+        out.file_meta = meta
     out[_CHARSET_TAG] = DataElement(_CHARSET_TAG, "CS", UTF8)
     for kw in TYPE2_IDENTITY:
         if kw not in out:
