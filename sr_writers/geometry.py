@@ -186,3 +186,21 @@ def source_geometry(sources: Sequence[Dataset]) -> SourceGeometry:
         frame_of_reference_uid=str(sources[0].FrameOfReferenceUID),
         series_instance_uid=str(sources[0].SeriesInstanceUID),
     )
+
+
+def fill_slice_thickness(geom: SourceGeometry) -> None:
+    """Give single-frame sources without a SliceThickness value (Type 2, PS3.3 C.7.6.2) the spacing
+    between slice centres, so highdicom's Pixel Measures and image library descriptors have one;
+    a single such image raises NoPatientGeometryError (its thickness cannot be derived). Only for
+    writers' own copies (``source_prep``): changes ``geom.datasets`` in place."""
+    if geom.multiframe:
+        return
+    for ds in geom.datasets:
+        if ds.get("SliceThickness") in (None, ""):
+            spacing = geom.slice_spacing
+            if not spacing:
+                raise NoPatientGeometryError(
+                    "the source is a single image without a SliceThickness value, so the thickness of "
+                    "a segmentation on it (Pixel Measures, PS3.3 C.7.6.16.2.1) is unknown"
+                )
+            ds.SliceThickness = round(spacing, 6)

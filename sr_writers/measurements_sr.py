@@ -26,7 +26,7 @@ from .common import (
     finish,
     series_description,
 )
-from .geometry import SourceFrame, source_geometry
+from .geometry import SourceFrame, fill_slice_thickness, source_geometry
 from .report_sr import device_observer
 from .results import Provenance, SegmentationResult
 from .seg import LABELMAP_SOP_CLASS, SEG_SOP_CLASS, check_seg_matches_sources
@@ -93,6 +93,7 @@ def write_measurements_sr(
         raise ValueError("seg_ds must be a Segmentation written for these sources")
     sources, replaced = for_highdicom(sources)
     geom = source_geometry(sources)
+    fill_slice_thickness(geom)
     check_seg_matches_sources(seg_ds, geom)
     seg_items = {int(i.SegmentNumber): i for i in seg_ds.SegmentSequence if int(i.SegmentNumber) != 0}
     if len(seg_items) != len(result.segments):

@@ -37,7 +37,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
 from .common import SourceError, apply_provenance, contributing_equipment, copy_identity, finish, series_description
-from .geometry import SourceGeometry, source_geometry
+from .geometry import SourceGeometry, fill_slice_thickness, source_geometry
 from .results import Code, Provenance, Segment, SegmentationResult
 from .source_prep import for_highdicom
 from .uids import new_uid
@@ -199,6 +199,7 @@ def write_seg(
         raise ValueError(f"segmentation_type must be one of {SEGMENTATION_TYPES}, not {segmentation_type!r}")
     sources, replaced = for_highdicom(sources)
     geom = source_geometry(sources)
+    fill_slice_thickness(geom)
     stack = stacked_masks(result, geom)
     pixels = _labelmap(stack) if seg_type == "LABELMAP" else stack
     seg = hd.seg.Segmentation(
