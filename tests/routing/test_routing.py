@@ -49,12 +49,28 @@ def test_match_conditions_and_stop() -> None:
     assert [t.rule for t in r.plan_study(rules, [other_ae]).tasks] == ["any-ct"]
 
 
-def test_series_sharing_a_task_are_grouped() -> None:
-    rules = r.parse_rules([{"name": "all-cr", "match": {"Modality": "CR"}, "tasks": [{"kind": "report"}]}])
+def test_each_series_gets_its_own_task_except_study_level_ones() -> None:
+    # The series is the unit: one broken series must fail (and be retried) alone.
+    rules = r.parse_rules(
+        [
+            {
+                "name": "all-cr",
+                "match": {"Modality": "CR"},
+                "tasks": [{"kind": "report"}, {"kind": "synthesize", "prompt": "x"}],
+            }
+        ]
+    )
     a = r.SeriesInfo("1", modality="CR")
     b = r.SeriesInfo("2", modality="CR")
     plan = r.plan_study(rules, [a, b])
-    assert len(plan.tasks) == 1 and plan.tasks[0].series == ["1", "2"]
+    assert [(t.task.kind, t.series) for t in plan.tasks] == [
+        ("report", ["1"]),
+        ("synthesize", ["1", "2"]),
+        ("report", ["2"]),
+    ]
+    keys = [t.idempotency_key("1.2.3", 1, "m") for t in plan.tasks]
+    assert len(set(keys)) == 3
+    assert keys == [t.idempotency_key("1.2.3", 1, "m") for t in r.plan_study(rules, [a, b]).tasks]
 
 
 @pytest.mark.parametrize(
