@@ -298,7 +298,7 @@ def is_input_error(exc: BaseException) -> bool:
     pipelines' INPUT_ERRORS); anything else is a crash (a bug, an environment fault)."""
     from inference.pipelines.errors import INPUT_ERRORS
 
-    return isinstance(exc, JobInputError | INPUT_ERRORS)
+    return isinstance(exc, (JobInputError, *INPUT_ERRORS))
 
 
 def failure_reason(exc: BaseException) -> str:
