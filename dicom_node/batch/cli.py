@@ -104,6 +104,8 @@ def register(app: typer.Typer) -> None:
             None, "--workers", help="embedded workers (default 1 on the embedded broker, 0 on RabbitMQ)"
         ),
         window: int = typer.Option(4, "--window", help="items in flight at most"),
+        lease_seconds: float = typer.Option(60.0, "--lease-seconds", help="a worker silent this long loses its item"),
+        max_attempts: int = typer.Option(3, "--max-attempts", help="tries per study before it ends failed"),
         dry_run: bool = typer.Option(False, "--dry-run", help="list and estimate; run nothing"),
         json_progress: bool = typer.Option(False, "--json-progress", help="JSON lines instead of a progress bar"),
         config: Path | None = typer.Option(None, "--config", "-c"),
@@ -122,8 +124,11 @@ def register(app: typer.Typer) -> None:
             typer.echo("usage: unimedvl batch SOURCE --out DIR [...] | --resume ID | status [ID]", err=True)
             raise typer.Exit(2)
         if task:
-            from inference.pipelines import TASK_KINDS
+            from typing import get_args
 
+            from dicom_node.routing import TaskKind
+
+            TASK_KINDS = get_args(TaskKind)
             bad = [t for t in task if t not in TASK_KINDS]
             if bad:
                 typer.echo(f"--task {bad[0]!r}: expected one of {', '.join(TASK_KINDS)}", err=True)
@@ -157,6 +162,8 @@ def register(app: typer.Typer) -> None:
                 move_port=move_port,
                 calling_ae=settings.node.ae_title,
                 max_fetch=max_fetch,
+                max_attempts=max_attempts,
+                lease_seconds=lease_seconds,
             )
             code = _run(settings, req, resume, workers, window, dry_run, json_progress, mapping_key)
         except (BatchError, SourceError) as exc:
@@ -227,17 +234,25 @@ def _run(
         if resume is not None:
             batch = load_batch(db, resume)
         else:
+            parse_source(req.source, req.options())  # a bad SOURCE is refused before any row exists
             batch, created = create_or_resume(db, req, model_version(settings.model))
             if not created:
                 log.info("batch %s: same command as before, resuming", batch.id)
         source = parse_source(batch.source, batch.options)
-        enumerate_items(db, batch, source.studies())
+        enumerate_items(
+            db,
+            batch,
+            source.studies(),
+            max_attempts=req.max_attempts if resume is None else 3,
+            lease_seconds=req.lease_seconds if resume is None else 60.0,
+        )
         publisher = CeleryPublisher(settings.broker.url)
         n_workers = workers if workers is not None else (0 if is_amqp(settings.broker.url) else 1)
-        if n_workers:
+        if n_workers and batch_status(db, batch.id)["active"]:
             from inference.worker import start_embedded_worker
 
             procs = [start_embedded_worker(settings, queues=["batch"]) for _ in range(n_workers)]
+            log.info("batch %s: embedded worker(s) started (pid %s)", batch.id, ", ".join(str(p.pid) for p in procs))
         driver = Driver(db, batch, publisher, window=window)
         stop = threading.Event()
         finished = _drive(driver, db, batch.id, stop, json_progress)
