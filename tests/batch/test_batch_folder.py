@@ -5,12 +5,9 @@ redoing nothing."""
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import pytest
 from pydicom import dcmread
 
 from tests.batch.conftest import FAST_TASKS, identifying_values, run_cli
