@@ -13,6 +13,7 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from tests.conftest import REPO
+from tests.jobs.conftest import rabbit_vhost  # noqa: F401  (fixture re-exported for this folder)
 
 # Values that identify the patient: none may survive de-identification anywhere.
 IDENTITIES = [
