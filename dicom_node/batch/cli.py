@@ -104,6 +104,10 @@ def register(app: typer.Typer) -> None:
             None, "--workers", help="embedded workers (default 1 on the embedded broker, 0 on RabbitMQ)"
         ),
         window: int = typer.Option(4, "--window", help="items in flight at most"),
+        retry_backoff: float = typer.Option(
+            1.0, "--retry-backoff", help="seconds before a retry, doubling per attempt"
+        ),
+        scratch: Path | None = typer.Option(None, "--scratch", help="where workers fetch studies (default: temp)"),
         lease_seconds: float = typer.Option(60.0, "--lease-seconds", help="a worker silent this long loses its item"),
         max_attempts: int = typer.Option(3, "--max-attempts", help="tries per study before it ends failed"),
         dry_run: bool = typer.Option(False, "--dry-run", help="list and estimate; run nothing"),
@@ -164,8 +168,9 @@ def register(app: typer.Typer) -> None:
                 max_fetch=max_fetch,
                 max_attempts=max_attempts,
                 lease_seconds=lease_seconds,
+                scratch_dir=str(scratch.resolve()) if scratch else None,
             )
-            code = _run(settings, req, resume, workers, window, dry_run, json_progress, mapping_key)
+            code = _run(settings, req, resume, workers, (window, retry_backoff), dry_run, json_progress, mapping_key)
         except (BatchError, SourceError) as exc:
             typer.echo(f"batch: {exc.reason}", err=True)
             raise typer.Exit(2) from None
@@ -194,7 +199,7 @@ def _run(
     req: Any,
     resume: int | None,
     workers: int | None,
-    window: int,
+    pacing: tuple[int, float],
     dry_run: bool,
     json_progress: bool,
     mapping_key: Path | None,
@@ -253,7 +258,7 @@ def _run(
 
             procs = [start_embedded_worker(settings, queues=["batch"]) for _ in range(n_workers)]
             log.info("batch %s: embedded worker(s) started (pid %s)", batch.id, ", ".join(str(p.pid) for p in procs))
-        driver = Driver(db, batch, publisher, window=window)
+        driver = Driver(db, batch, publisher, window=pacing[0], retry_backoff=pacing[1])
         stop = threading.Event()
         finished = _drive(driver, db, batch.id, stop, json_progress)
         parquet, csv_path, rows = write_table(db, batch.id or 0, Path(batch.out_dir))
