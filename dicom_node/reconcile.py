@@ -7,17 +7,17 @@ interrupted writes are removed, each object file that no table references is ind
 is a complete, valid instance (the same checks as a received one) and otherwise moved to
 `quarantine/` with a `.reason` file and a rejection-log row.
 
-Only shard directories modified since the previous reconciliation (a marker file's mtime,
-minus a margin) are scanned, so a large archive is not walked at every start.
+Only shard directories modified since shortly before the last write are scanned, so a large
+archive is not walked at every start: every write creates and renames a file in `tmp/`, so
+that folder's mtime (read before the sweep) is the time of the last write, and an object a crash
+left without its row was renamed into its shard at that moment (MARGIN_SECONDS covers the
+writes in flight beside it). Nothing is written beside the objects for this.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import Engine
@@ -27,8 +27,7 @@ from dicom_node.logs import kv
 
 log = logging.getLogger("dicom_node.reconcile")
 
-MARKER = ".reconciled"
-MARGIN_SECONDS = 300  # clock granularity and writes racing the previous marker
+MARGIN_SECONDS = 300  # writes in flight at the crash, other writers' clocks, coarse mtimes
 RECONCILE_PEER = Peer(calling_ae="", called_ae="", remote_ip="reconcile")
 
 
@@ -67,10 +66,8 @@ def _referenced(engine: Engine, candidates: list[str]) -> set[str]:
 def reconcile(ingest: Ingest) -> Reconciled:
     """Sweep temp files, index or quarantine unreferenced objects; see the module docstring."""
     storage = ingest.storage
+    since = storage.tmp_dir.stat().st_mtime - MARGIN_SECONDS  # the last write, before the sweep
     result = Reconciled(temp_removed=storage.sweep_temp())
-    marker = Path(storage.root) / MARKER
-    since = marker.stat().st_mtime - MARGIN_SECONDS if marker.exists() else None
-    started = time.time()
     candidates = storage.objects_since(since)
     result.scanned = len(candidates)
     known = _referenced(ingest.engine, candidates)
@@ -92,8 +89,6 @@ def reconcile(ingest: Ingest) -> Reconciled:
             )
         except OSError as exc:
             log.error("cannot reconcile object", extra=kv(relpath=relpath, error=type(exc).__name__))
-    marker.touch()
-    os.utime(marker, (started, started))
     if result.temp_removed or result.indexed or result.quarantined:
         log.warning(
             "storage reconciled with the index",

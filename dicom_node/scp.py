@@ -44,6 +44,7 @@ from dicom_node.config import Settings
 from dicom_node.ingest import (
     MALFORMED_UID,
     MISSING_UID,
+    OUT_OF_RESOURCES,
     PROCESSING_FAILURE,
     SOP_CLASS_NOT_SUPPORTED,
     UID_RE,
@@ -180,7 +181,7 @@ class ActiveAssociations:
 
 
 class _AssocStats:
-    __slots__ = ("peer", "started", "stored", "refused", "bytes")
+    __slots__ = ("peer", "started", "stored", "refused", "bytes", "handler_s", "write_s", "fsync_s", "index_s")
 
     def __init__(self, peer: Peer) -> None:
         self.peer = peer
@@ -188,6 +189,10 @@ class _AssocStats:
         self.stored = 0
         self.refused = 0
         self.bytes = 0
+        self.handler_s = 0.0  # in our C-STORE handler; the rest of the association is transport
+        self.write_s = 0.0
+        self.fsync_s = 0.0
+        self.index_s = 0.0
 
 
 class Listener:
@@ -209,6 +214,8 @@ class Listener:
         self._threads: list[threading.Thread] = []
         self._stats: dict[int, _AssocStats] = {}
         self._stats_lock = threading.Lock()
+        self._arriving: dict[int, int] = {}  # association -> data set bytes of the message arriving
+        self._abort_bytes = settings.node.max_instance_bytes + OVERSIZE_MARGIN
         self.ae = self._build_ae()
         self.policy = AccessPolicy(settings, self._on_policy_reject)
         node = settings.node
@@ -249,6 +256,7 @@ class Listener:
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_CONN_CLOSE, self._on_close),
             (evt.EVT_DIMSE_RECV, self._on_dimse_recv),
+            (evt.EVT_DATA_RECV, self._on_data_recv),
         ]
 
     def _make_server(self, port: int, ssl_context: ssl.SSLContext | None) -> GatewayServer:
@@ -375,6 +383,7 @@ class Listener:
     def _on_close(self, event: Any) -> None:
         key = id(event.assoc)
         self.active.discard(key)
+        self._arriving.pop(key, None)
         with self._stats_lock:
             stats = self._stats.pop(key, None)
         if stats is not None:
@@ -387,8 +396,48 @@ class Listener:
                     refused=stats.refused,
                     bytes=stats.bytes,
                     seconds=round(time.monotonic() - stats.started, 3),
+                    handler_s=round(stats.handler_s, 4),
+                    write_s=round(stats.write_s, 4),
+                    fsync_s=round(stats.fsync_s, 4),
+                    index_s=round(stats.index_s, 4),
                 ),
             )
+
+    def _on_data_recv(self, event: Any) -> None:
+        """Count each C-STORE data set's bytes as its P-DATA PDUs arrive (PS3.8 9.3.5: PDV items of
+        4-byte length, context ID, control header) and abort the association once one runs
+        OVERSIZE_MARGIN past max_instance_bytes: pynetdicom assembles a data set in memory, so
+        without this a peer decides how much we hold. Just over the cap it still gets 0xA700."""
+        data = event.data
+        if not data or data[0] != 0x04:
+            return
+        key = id(event.assoc)
+        count = self._arriving.get(key, 0)
+        at, end = 6, len(data)
+        while at + 6 <= end:
+            length = int.from_bytes(data[at : at + 4], "big")
+            control = data[at + 5]
+            if control & 1:  # command fragment: a new message starts
+                count = 0
+            else:
+                count += max(length - 2, 0)
+                if control & 2:  # last fragment of the data set
+                    count = 0 if count <= self._abort_bytes else count
+            at += 4 + length
+        self._arriving[key] = count
+        if count > self._abort_bytes:
+            self._arriving[key] = 0
+            record_rejection(
+                self.ingest.engine,
+                stage="store",
+                reason="too_large",
+                detail=f"data set passed {count} B while arriving (cap {self.ingest.max_instance_bytes} B)",
+                status=OUT_OF_RESOURCES,
+                peer=self._peer(event.assoc),
+            )
+            sock = getattr(event.assoc.dul.socket, "socket", None)
+            if hasattr(sock, "abort_now"):
+                sock.abort_now()
 
     def _on_dimse_recv(self, event: Any) -> None:
         """Answer a C-STORE-RQ that pynetdicom would drop without a response.
@@ -447,6 +496,7 @@ class Listener:
         stats = self._stats.get(id(assoc))
         peer = stats.peer if stats is not None else self._peer(assoc)
         request = event.request
+        t0 = time.perf_counter()
         try:
             sop_class = str(request.AffectedSOPClassUID or "")
             if not storable(sop_class, accept_private=self.settings.node.accept_private_sop_classes):
@@ -499,7 +549,16 @@ class Listener:
         if stats is not None:
             stats.stored += 1
             stats.bytes += outcome.size
+            stats.handler_s += time.perf_counter() - t0
+            stats.write_s += outcome.write_s
+            stats.fsync_s += outcome.fsync_s
+            stats.index_s += outcome.index_s
         return outcome.status
+
+
+# Bytes past max_instance_bytes at which an arriving data set ends its association (A-ABORT);
+# below it the instance is buffered (bounded) and refused with 0xA700 once complete.
+OVERSIZE_MARGIN = 16 * 1024 * 1024
 
 
 def configure_dicom_libraries(*, accept_private: bool = False) -> None:
