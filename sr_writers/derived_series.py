@@ -18,7 +18,8 @@ uncompressed in the source's pixel format where the IOD fixes it (PS3.3 C.7.6.3,
 
 Retired source SOP classes (e.g. the 1993 Ultrasound Image Storage) are written in their
 successor class; text is UTF-8 and absent Type 2 identity attributes are present and empty
-(``source_prep``). Multi-frame sources are refused with UnsupportedSourceError naming the reason.
+(``source_prep``). Multi-frame sources give one multi-frame derived instance (see
+write_derived_series); frames without functional groups that need geometry are refused.
 
 If an output array is larger or smaller than the source (super-resolution), PixelSpacing is
 scaled so the field of view is unchanged and ImagePositionPatient moves to the new first pixel
