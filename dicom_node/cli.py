@@ -276,6 +276,15 @@ def _register_jobs() -> None:
 _register_jobs()
 
 
+def _register_eval() -> None:
+    from dicom_node.eval_cli import register
+
+    register(app)  # `eval`
+
+
+_register_eval()
+
+
 @bench_app.command("ingest")
 def bench_ingest(
     n: int = typer.Option(200, "--n", help="synthetic CT slices per run"),
