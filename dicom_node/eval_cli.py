@@ -94,7 +94,7 @@ def register(app: typer.Typer) -> None:
                     from inference.evaluation.site import run_site
 
                     engine = _engine(config, model, device)
-                    summary = run_site(path, target, engine, settings=settings, limit=limit)
+                    summary = run_site(path, target, engine, settings=settings)
                 else:
                     from inference.evaluation import read_benchmark, run_benchmark
 

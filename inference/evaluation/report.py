@@ -11,6 +11,7 @@ from .scoring import summarize_scores
 
 SUMMARY_JSON = "summary.json"
 SUMMARY_MD = "summary.md"
+TASK_SECTIONS = ("vqa", "mcq", "report", "segment", "synthesis")  # site summaries: one metrics block per task
 
 
 def build_summary(
@@ -19,7 +20,11 @@ def build_summary(
     """``meta`` (benchmark, task, model, engine settings, dataset hashes) + metrics of ``records`` + the
     headline metric beside the published figure (difference = ours - published)."""
     task = meta.get("task") or (records[0]["task"] if records else "")
-    metrics = summarize_scores(task, records)
+    if task == "site":  # several tasks in one run: metrics per task
+        tasks = sorted({r["task"] for r in records})
+        metrics: dict[str, Any] = {t: summarize_scores(t, [r for r in records if r["task"] == t]) for t in tasks}
+    else:
+        metrics = summarize_scores(task, records)
     summary: dict[str, Any] = {**meta, "task": task, "metrics": metrics}
     bench = BENCHMARKS.get(str(meta.get("benchmark")))
     if bench is not None:
@@ -65,7 +70,9 @@ def rows(summary: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         name = f"{head['metric']} ({head['unit'] or '0-1'})"
         out.append((name, _fmt(head["ours"]), _fmt(head["published"]), _fmt(head["difference"])))
     for k, v in summary.get("metrics", {}).items():
-        if not head or k != head["metric"]:
+        if isinstance(v, dict) and any(isinstance(x, dict | int | float) for x in v.values()) and k in TASK_SECTIONS:
+            out += [(f"{k}: {sub}", _fmt(x), "", "") for sub, x in v.items()]
+        elif not head or k != head["metric"]:
             out.append((k, _fmt(v), "", ""))
     return out
 
