@@ -63,13 +63,17 @@ def register(app: typer.Typer) -> None:
         ),  # fmt: skip
         path: Path = typer.Argument(..., help="the dataset folder ('score': the predictions.jsonl)"),
         out: Path | None = typer.Option(None, "--out", "-o", help="output folder (default ./eval-BENCHMARK)"),
-        model: str | None = typer.Option(None, "--model", help="checkpoint folder or 'tiny' (default [model] path)"),
-        device: str | None = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default [model] device)"),
+        model: str | None = typer.Option(
+            None, "--model", help="checkpoint folder or 'tiny' (default: the config's model.path)"
+        ),
+        device: str | None = typer.Option(
+            None, "--device", help="cpu, cuda or cuda:N (default: the config's model.device)"
+        ),
         limit: int | None = typer.Option(None, "--limit", min=1, help="only the first N items"),
         steps: int = typer.Option(50, "--steps", min=2, help="denoising steps of the edit flow"),
         max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1, help="answers 128, reports 512"),
         seed: int = typer.Option(0, "--seed"),
-        config: Path | None = typer.Option(None, "--config", "-c", help="config file ([model] section)"),
+        config: Path | None = typer.Option(None, "--config", "-c", help="config file (its model section is used)"),
     ) -> None:
         """Evaluate the model on a benchmark in its released layout, re-score predictions, or validate on a
         site's own labelled DICOM; prints our figures beside the published ones."""
