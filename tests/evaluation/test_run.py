@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.eval_datasets import make_dataset
-from inference.evaluation import BENCHMARKS, comparable, rescore_file, run_benchmark
+from inference.evaluation import BENCHMARKS, comparable, read_benchmark, rescore_file, run_benchmark
 from inference.evaluation.report import SUMMARY_JSON, SUMMARY_MD
 
 from .conftest import FAST
@@ -52,3 +52,31 @@ def test_rescoring_changes_when_a_prediction_is_edited(tmp_path: Path, tiny_engi
     summary = rescore_file(out / "predictions.jsonl")
     assert summary["metrics"]["closed_accuracy"] == 100.0
     assert summary["headline"]["difference"] == pytest.approx(100.0 - 61.9)
+
+
+def test_item_the_engine_refuses_is_failed_and_counted_not_scored_zero(tmp_path: Path, tiny_engine) -> None:
+    """The real engine refuses an empty prompt (ValueError): that item fails with the reason, the others
+    are scored, and the summary counts the failure instead of averaging a zero in."""
+    from inference.evaluation.report import build_summary
+    from inference.evaluation.runner import Clock, evaluate_items
+
+    data = make_dataset("vqa-rad", tmp_path / "data", n=2, size=32)
+    ds = read_benchmark("vqa-rad", data)
+    ds.items[0].prompt = "   "
+    ds.items = ds.items[:1]
+    out = tmp_path / "out"
+    out.mkdir()
+    records = evaluate_items(tiny_engine, ds, out, FAST, Clock())
+    assert records[0]["error"].startswith("ValueError:") and "score" not in records[0]
+    summary = build_summary({"benchmark": "vqa-rad", "task": "vqa"}, records)
+    assert summary["metrics"]["failed"] == 1 and summary["metrics"]["closed_accuracy"] is None
+    assert summary["headline"]["ours"] is None and summary["failed_items"][0]["id"] == records[0]["id"]
+
+
+def test_dataset_hash_pins_the_files(tmp_path: Path) -> None:
+    data = make_dataset("kvasir-seg", tmp_path / "k", n=2, size=16)
+    before = read_benchmark("kvasir-seg", data).file_hashes()
+    (data / "masks" / "cju1.jpg").write_bytes((data / "masks" / "cju0.jpg").read_bytes())
+    after = read_benchmark("kvasir-seg", data).file_hashes()
+    assert before["data_files"] == after["data_files"] == 4
+    assert before["data_sha256"] != after["data_sha256"]
