@@ -155,12 +155,17 @@ def make_glas(root: Path, n: int = 3, size: int = 64) -> Path:
     return root
 
 
-def make_isic2018(root: Path, n: int = 3, size: int = 64) -> Path:
+def _image_mask_pairs(root: Path, n: int, size: int, image: Callable[[int], str], mask: Callable[[int], str]) -> Path:
     for i in range(n):
-        img, mask = _disc(size, i)
-        _save(root / "ISIC2018_Task1-2_Test_Input" / f"ISIC_{i:07d}.jpg", img)
-        _save(root / "ISIC2018_Task1_Test_GroundTruth" / f"ISIC_{i:07d}_segmentation.png", _mask8(mask))
+        img, m = _disc(size, i)
+        _save(root / image(i), img)
+        _save(root / mask(i), _mask8(m))
     return root
+
+
+def make_isic2018(root: Path, n: int = 3, size: int = 64) -> Path:
+    return _image_mask_pairs(root, n, size, lambda i: f"ISIC2018_Task1-2_Test_Input/ISIC_{i:07d}.jpg",
+                             lambda i: f"ISIC2018_Task1_Test_GroundTruth/ISIC_{i:07d}_segmentation.png")  # fmt: skip
 
 
 def make_refuge(root: Path, n: int = 2, size: int = 64) -> Path:
@@ -177,11 +182,7 @@ def make_refuge(root: Path, n: int = 2, size: int = 64) -> Path:
 
 
 def make_kvasir_seg(root: Path, n: int = 3, size: int = 64) -> Path:
-    for i in range(n):
-        img, mask = _disc(size, i)
-        _save(root / "images" / f"cju{i}.jpg", img)
-        _save(root / "masks" / f"cju{i}.jpg", _mask8(mask))
-    return root
+    return _image_mask_pairs(root, n, size, lambda i: f"images/cju{i}.jpg", lambda i: f"masks/cju{i}.jpg")
 
 
 def make_brats(root: Path, n: int = 2, size: int = 32, depth: int = 5) -> Path:

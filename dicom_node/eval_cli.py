@@ -16,22 +16,11 @@ from typing import Any
 
 import typer
 
-DEFAULT_CONFIG = Path("unimedvl.toml")
 log = logging.getLogger("dicom_node.eval")
 
 
-def _settings(config: Path | None) -> Any:
-    from dicom_node.config import ConfigError, load_config
-
-    path = config if config is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
-    try:
-        return load_config(path)
-    except ConfigError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(2) from None
-
-
 def _engine(config: Path | None, model: str | None, device: str | None) -> Any:
+    from dicom_node.jobs.cli import _settings  # the config, ./unimedvl.toml by default; exit 2 when bad
     from inference.engine import load_engine
 
     m = _settings(config).model

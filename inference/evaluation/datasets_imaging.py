@@ -8,6 +8,7 @@ released; the targets below name what each dataset annotates.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from .items import Dataset, DatasetError, Item, Source
@@ -32,6 +33,17 @@ def _seg_item(
 
 def _images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXT)
+
+
+def _pairs(inp: Path, gt: Path, mask_name: Callable[[Path], str]) -> list[tuple[Path, Path]]:
+    """(image, its mask) for every image of ``inp``; a missing mask is an error naming both files."""
+    out = []
+    for img in _images(inp):
+        mask = gt / mask_name(img)
+        if not mask.is_file():
+            raise DatasetError(f"{img}: its mask {mask} is missing")
+        out.append((img, mask))
+    return out
 
 
 def _nonempty(items: list[Item], folder: Path, layout: str) -> list[Item]:
@@ -103,12 +115,10 @@ def read_isic2018(root: Path) -> Dataset:
             break
     else:
         raise DatasetError(f"{root}: no input/ground-truth folder pair; expected {ISIC_LAYOUT}")
-    items = []
-    for img in _images(inp):
-        mask = gt / f"{img.stem}_segmentation.png"
-        if not mask.is_file():
-            raise DatasetError(f"{img}: ground truth {mask} is missing")
-        items.append(_seg_item(root, img.stem, img, mask, "mask:ge128", "skin lesion"))
+    items = [
+        _seg_item(root, img.stem, img, mask, "mask:ge128", "skin lesion")
+        for img, mask in _pairs(inp, gt, lambda p: f"{p.stem}_segmentation.png")
+    ]
     notes = [] if split == "Test" else [f"no test ground truth: the {split} split is scored"]
     return Dataset("isic2018", root, _nonempty(items, inp, ISIC_LAYOUT), notes=notes)
 
@@ -124,10 +134,7 @@ def read_refuge(root: Path) -> Dataset:
     if not inp.is_dir() or not gt.is_dir():
         raise DatasetError(f"{root}: expected {REFUGE_LAYOUT}")
     items = []
-    for img in _images(inp):
-        mask = gt / f"{img.stem}.bmp"
-        if not mask.is_file():
-            raise DatasetError(f"{img}: ground truth {mask} is missing")
+    for img, mask in _pairs(inp, gt, lambda p: f"{p.stem}.bmp"):
         items.append(_seg_item(root, f"{img.stem}/disc", img, mask, "mask:lt255", "optic disc"))
         items.append(_seg_item(root, f"{img.stem}/cup", img, mask, "mask:eq0", "optic cup"))
     return Dataset("refuge", root, _nonempty(items, inp, REFUGE_LAYOUT))
@@ -141,12 +148,9 @@ def read_kvasir_seg(root: Path) -> Dataset:
     inp, gt = root / "images", root / "masks"
     if not inp.is_dir() or not gt.is_dir():
         raise DatasetError(f"{root}: expected {KVASIR_LAYOUT}")
-    items = []
-    for img in _images(inp):
-        mask = gt / img.name
-        if not mask.is_file():
-            raise DatasetError(f"{img}: mask {mask} is missing")
-        items.append(_seg_item(root, img.stem, img, mask, "mask:ge128", "polyp"))
+    items = [
+        _seg_item(root, img.stem, img, mask, "mask:ge128", "polyp") for img, mask in _pairs(inp, gt, lambda p: p.name)
+    ]
     return Dataset("kvasir-seg", root, _nonempty(items, inp, KVASIR_LAYOUT))
 
 

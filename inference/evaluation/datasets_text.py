@@ -43,6 +43,18 @@ def _field(entry: Any, key: str, path: Path, index: int) -> str:
     return value
 
 
+def _questions(root: Path, ann_name: str, images_name: str, layout: str) -> tuple[Path, Path, list]:
+    """(annotation file, image folder, its non-empty list of entries) of a JSON question release."""
+    ann = _need(root / ann_name, layout)
+    images = root / images_name
+    if not images.is_dir():
+        raise DatasetError(f"{images} is missing: expected {layout}")
+    data = _json(ann)
+    if not isinstance(data, list) or not data:
+        raise DatasetError(f"{ann}: expected a non-empty list of questions")
+    return ann, images, data
+
+
 def _vqa_item(root: Path, item_id: str, image: Path, question: str, answer: str, closed: bool) -> Item:
     return Item(
         id=item_id,
@@ -62,13 +74,7 @@ def read_vqa_rad(root: Path) -> Dataset:
     ``image_name``, ``question``, ``answer``, ``answer_type`` CLOSED/OPEN, ``phrase_type``) and
     ``VQA_RAD Image Folder/``. The test set is the entries whose ``phrase_type`` starts with "test"
     (test_freeform + test_para, 451 questions)."""
-    ann = _need(root / "VQA_RAD Dataset Public.json", VQA_RAD_LAYOUT)
-    images = root / "VQA_RAD Image Folder"
-    if not images.is_dir():
-        raise DatasetError(f"{images} is missing: expected {VQA_RAD_LAYOUT}")
-    data = _json(ann)
-    if not isinstance(data, list) or not data:
-        raise DatasetError(f"{ann}: expected a non-empty list of questions")
+    ann, images, data = _questions(root, "VQA_RAD Dataset Public.json", "VQA_RAD Image Folder", VQA_RAD_LAYOUT)
     test = [e for e in data if isinstance(e, dict) and str(e.get("phrase_type", "")).startswith("test")]
     notes = [] if test else [f"{ann.name}: no phrase_type 'test*' entries; every question is scored"]
     items = []
@@ -87,13 +93,7 @@ SLAKE_LAYOUT = "the SLAKE 1.0 release: test.json and imgs/"
 def read_slake(root: Path) -> Dataset:
     """SLAKE 1.0 (Liu et al. 2021), English questions of ``test.json`` (``q_lang`` "en"; ``qid``,
     ``img_name``, ``question``, ``answer``, ``answer_type`` CLOSED/OPEN), images under ``imgs/``."""
-    ann = _need(root / "test.json", SLAKE_LAYOUT)
-    images = root / "imgs"
-    if not images.is_dir():
-        raise DatasetError(f"{images} is missing: expected {SLAKE_LAYOUT}")
-    data = _json(ann)
-    if not isinstance(data, list) or not data:
-        raise DatasetError(f"{ann}: expected a non-empty list of questions")
+    ann, images, data = _questions(root, "test.json", "imgs", SLAKE_LAYOUT)
     items = []
     for i, e in enumerate(data):
         if not isinstance(e, dict) or e.get("q_lang", "en") != "en":

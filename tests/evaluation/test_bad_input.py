@@ -53,7 +53,7 @@ BREAKS: list[tuple[str, Callable[[Path], object], str]] = [
     ("busi", lambda r: _first(r, "*_mask.png").unlink(), "no mask"),
     ("busi", lambda r: (r / "malignant").rename(r / "Malignant-renamed"), "malignant is missing"),
     ("glas", lambda r: _first(r, "*_anno.bmp").unlink(), "no annotation"),
-    ("isic2018", lambda r: _first(r, "*_segmentation.png").unlink(), "ground truth"),
+    ("isic2018", lambda r: _first(r, "*_segmentation.png").unlink(), "its mask"),
     ("isic2018", lambda r: (r / "ISIC2018_Task1_Test_GroundTruth").rename(r / "gt"), "no input/ground-truth"),
     ("refuge", lambda r: _first(r, "T0001.bmp").unlink(), "T0001.bmp is missing"),
     ("kvasir-seg", lambda r: _first(r, "masks/cju0.jpg").unlink(), "mask"),
