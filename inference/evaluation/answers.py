@@ -27,7 +27,8 @@ import string
 YES_NO = ("yes", "no")
 _ARTICLES = {"a", "an", "the"}
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
-_LETTER = re.compile(r"(?<![A-Za-z])([A-Z])(?![A-Za-z])")
+# an option letter as an answer: "B", "B.", "(B)", "B) MRI", "Answer: B" -- not the article in "A CT scan"
+_LETTER = re.compile(r"(?:^|[\s(\[:])([A-Z])(?=[.):\],]|\s*$)")
 
 
 def normalize(text: str) -> str:
@@ -92,7 +93,8 @@ def mcq_prompt(question: str, options: dict[str, str], hint: str | None = None) 
 
 def mcq_choice(prediction: str, options: dict[str, str]) -> str | None:
     """The option letter a free-text answer selects, or None (VLMEvalKit ``can_infer``: exactly one
-    option letter standing alone, else exactly one option text contained in the answer)."""
+    option letter given as an answer, else exactly one option text contained in the answer; a capital
+    "A" used as an article is not a letter)."""
     letters = {m for m in _LETTER.findall(str(prediction)) if m in options}
     if len(letters) == 1:
         return letters.pop()

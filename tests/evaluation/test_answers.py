@@ -67,8 +67,10 @@ def test_prompts() -> None:
         ("The answer is (A).", "A"),
         ("magnetic resonance: MRI", "B"),  # no letter: the one option text contained
         ("CT or MRI", None),  # two option texts
-        ("A or B", None),  # two letters
+        ("A, B", None),  # two letters
         ("I cannot tell", None),
+        ("Answer: C", "C"),
+        ("A MRI of the brain.", "B"),  # "A" is an article here: the option text decides
     ],
 )
 def test_mcq_choice(prediction: str, expected: str | None) -> None:
