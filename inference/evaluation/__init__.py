@@ -38,8 +38,9 @@ def rescore_file(predictions: str | Path) -> dict[str, Any]:
     meta_path = path.parent / RUN_META
     meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
     records = rescore(path)
-    if not meta:
-        meta = {"task": records[0]["task"]}
+    if not meta:  # no run.json: one task, or a site run's several
+        tasks = {r["task"] for r in records}
+        meta = {"task": tasks.pop() if len(tasks) == 1 else "site"}
     return build_summary(meta, records)
 
 

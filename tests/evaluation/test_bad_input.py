@@ -106,3 +106,22 @@ def test_bad_predictions_file_names_the_line(tmp_path: Path) -> None:
     )
     with pytest.raises(RecordError, match=r"predictions.jsonl:1 \(item '1'\): cannot be scored \(empty reference"):
         rescore_file(p)
+
+
+def test_rescoring_without_run_json_groups_mixed_tasks(tmp_path: Path) -> None:
+    p = tmp_path / "predictions.jsonl"
+    recs = [
+        {
+            "id": "1",
+            "task": "vqa",
+            "answer_type": "open",
+            "prediction": "left lung",
+            "reference": "lung",
+            "error": None,
+        },
+        {"id": "2", "task": "report", "prediction": "lungs clear", "reference": ["the lungs are clear"], "error": None},
+    ]
+    p.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    m = rescore_file(p)["metrics"]
+    assert m["vqa"]["open_recall"] == 100.0
+    assert m["report"]["rougeL"] == pytest.approx(2 * 0.5 * 1.0 / 1.5)  # LCS 2: P 2/2, R 2/4
