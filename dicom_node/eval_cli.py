@@ -19,7 +19,7 @@ import typer
 log = logging.getLogger("dicom_node.eval")
 
 
-def _engine(config: Path | None, model: str | None, device: str | None) -> Any:
+def _engine(config: Path | None, model: str | None, device: str | None, parts: str = "all") -> Any:
     from dicom_node.jobs.cli import _settings  # the config, ./unimedvl.toml by default; exit 2 when bad
     from inference.engine import load_engine
 
@@ -31,7 +31,7 @@ def _engine(config: Path | None, model: str | None, device: str | None) -> Any:
         dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = None if m.dtype in ("", "auto") else m.dtype
     try:
-        engine = load_engine(model or m.path, device=dev, dtype=dtype, attention=m.attention)
+        engine = load_engine(model or m.path, device=dev, dtype=dtype, attention=m.attention, parts=parts)
     except (OSError, ValueError) as exc:  # CheckpointError is a ValueError: names the file and tensor
         typer.echo(f"cannot load the model: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -89,10 +89,12 @@ def register(app: typer.Typer) -> None:
                     engine = _engine(config, model, device)
                     summary = run_site(path, target, engine, settings=settings)
                 else:
-                    from inference.evaluation import read_benchmark, run_benchmark
+                    from inference.evaluation import BENCHMARKS, read_benchmark, run_benchmark
 
                     read_benchmark(benchmark, path)  # a wrong layout fails before the model is loaded
-                    engine = _engine(config, model, device)
+                    # text-only benchmarks load the understanding weights only (about half the memory)
+                    parts = "all" if BENCHMARKS[benchmark].task in ("segment", "synthesis") else "understanding"
+                    engine = _engine(config, model, device, parts)
                     summary = run_benchmark(benchmark, path, target, engine, settings=settings, limit=limit)
                 console.print(f"predictions: {target / 'predictions.jsonl'}; summary: {target / 'summary.md'}")
         except (DatasetError, RecordError) as exc:

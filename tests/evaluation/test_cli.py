@@ -25,6 +25,7 @@ def test_eval_then_score(tmp_path: Path) -> None:
     assert run.exit_code == 0, run.output
     assert "closed_accuracy (%)" in run.output and "61.9" in run.output and "tiny-0" in run.output
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["model"]["parts"] == "understanding"  # VQA needs no generation weights
 
     score = _unimedvl("eval", "score", str(out / "predictions.jsonl"), "--out", str(tmp_path / "rescored"))
     assert score.exit_code == 0, score.output
