@@ -119,7 +119,9 @@ def run_segment(
         for s, target in enumerate(params.targets):
             report_progress(progress, done, total)
             with readable_errors(f"segmenting {target.label!r}"):
-                drawn = engine.edit_image(img.pixels, target.instruction, steps=params.steps, seed=params.seed)
+                drawn = engine.edit_image(
+                    img.pixels, target.instruction, steps=params.steps, seed=params.seed, **params.image_options()
+                )
             mask_image = as_rgb8(drawn, "mask image")
             with readable_errors(f"segmenting {target.label!r}"):
                 stack[s] = mask_from_output(mask_image, img.source_rows, img.source_columns, target.threshold)
