@@ -59,6 +59,7 @@ class TaskSpec(BaseModel):
     # Model engine options (README "Model engine"); None: the engine's reference default.
     think: bool = False  # the reference's think mode (system prompt, then a decoded plan/reasoning)
     describe_first: bool = False  # translate/super_resolve/segment: describe the image, then edit with it
+    max_think_tokens: int | None = Field(None, ge=2, le=8192)  # plan/description bound (reference 1000/800)
     temperature: float = Field(0.0, ge=0.0, le=10.0)  # report/vqa text: 0 = greedy
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     cfg_text_scale: float | None = Field(None, ge=0.0, le=50.0)
@@ -92,11 +93,20 @@ class TaskSpec(BaseModel):
         return {k: v for k, v in dump.items() if k not in ENGINE_OPTIONS or v != ENGINE_OPTIONS[k]}
 
 
-ENGINE_OPTIONS: dict[str, Any] = {
-    k: TaskSpec.model_fields[k].default
-    for k in ("think", "describe_first", "temperature", "top_p", "cfg_text_scale", "cfg_img_scale", "cfg_interval",
-              "timestep_shift", "cfg_renorm_type", "cfg_renorm_min")
-}  # fmt: skip
+ENGINE_OPTION_KEYS = (
+    "think",
+    "describe_first",
+    "max_think_tokens",
+    "temperature",
+    "top_p",
+    "cfg_text_scale",
+    "cfg_img_scale",
+    "cfg_interval",
+    "timestep_shift",
+    "cfg_renorm_type",
+    "cfg_renorm_min",
+)
+ENGINE_OPTIONS: dict[str, Any] = {k: TaskSpec.model_fields[k].default for k in ENGINE_OPTION_KEYS}
 
 
 class MatchSpec(BaseModel):

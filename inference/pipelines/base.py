@@ -129,6 +129,7 @@ class TaskParams:
     labelmap: bool = False
     think: bool = False
     describe_first: bool = False
+    max_think_tokens: int | None = None  # None: the engine's reference bounds (1000 plan, 800 description)
     temperature: float = 0.0
     top_p: float = 1.0
     guidance: tuple[tuple[str, Any], ...] = ()  # sampler overrides (cfg_*, timestep_shift), set ones only
@@ -142,6 +143,10 @@ class TaskParams:
         opts: dict[str, Any] = {"think": self.think, **dict(self.guidance)}
         if self.describe_first:
             opts["describe_first"] = True
+        if self.max_think_tokens is not None:
+            opts["max_think_tokens"] = self.max_think_tokens
+            if self.describe_first:
+                opts["max_describe_tokens"] = self.max_think_tokens
         return opts
 
 
@@ -183,6 +188,7 @@ def _engine_options(kind: str, params: Mapping[str, Any]) -> dict[str, Any]:
             raise PipelineError(f"parameter {key} must be a number, got {value!r}")
         guidance.append((key, value))  # ranges are checked by the engine (a ValueError -> PipelineError)
     out["guidance"] = tuple(guidance)
+    out["max_think_tokens"] = _int(params, "max_think_tokens", None, 2, 8192)
     return out
 
 
