@@ -93,20 +93,9 @@ class TaskSpec(BaseModel):
         return {k: v for k, v in dump.items() if k not in ENGINE_OPTIONS or v != ENGINE_OPTIONS[k]}
 
 
-ENGINE_OPTION_KEYS = (
-    "think",
-    "describe_first",
-    "max_think_tokens",
-    "temperature",
-    "top_p",
-    "cfg_text_scale",
-    "cfg_img_scale",
-    "cfg_interval",
-    "timestep_shift",
-    "cfg_renorm_type",
-    "cfg_renorm_min",
-)
-ENGINE_OPTIONS: dict[str, Any] = {k: TaskSpec.model_fields[k].default for k in ENGINE_OPTION_KEYS}
+_FIELDS = list(TaskSpec.model_fields)
+# The model engine options are the TaskSpec fields declared from `think` on, with their defaults.
+ENGINE_OPTIONS: dict[str, Any] = {k: TaskSpec.model_fields[k].default for k in _FIELDS[_FIELDS.index("think") :]}
 
 
 class MatchSpec(BaseModel):

@@ -3,12 +3,16 @@
 Flows follow the reference inferencer (spec section 3):
 
 - ``answer``/``report`` (``Bagel.chat``): each image -> ViT block (transform 980/378/14), then the question
-  as one text block, then decoding from ``<|im_start|>`` (greedy, or temperature sampling), stopping on
+  as one text block, then decoding from ``<|im_start|>`` (greedy, or temperature/top-p sampling), stopping on
   ``<|im_end|>``.
 - ``generate_image``: gen = text(prompt), cfg_text = empty context, cfg_img = gen (so u_img = c); Euler
   sampler with shift, CFG interval and renorm; VAE decode; uint8 by truncation.
 - ``edit_image``: the image is resized by the VAE rule (1024/32/16) and enters as a clean VAE block (t=0)
   and then a ViT block (980/387/14); gen = [VAE, ViT, text], cfg_text = [VAE, ViT], cfg_img = [text].
+- ``think=True`` (any flow): the reference's think mode (``interleave_inference``): a system block first
+  in gen and cfg_img; for images the greedily decoded plan joins gen only. ``edit_image(describe_first=True)``
+  is the image generator script's understanding pass before the edit.
+- Answers are cut at the first ``<|im_end|>``/``<|im_start|>`` text, as the reference (bagel.py:1390).
 
 Randomness: initial noise and the VAE posterior eps come from a CPU ``torch.Generator`` seeded with
 ``seed`` (eps first, then noise), so a seed gives the same image on any device up to numerics; text
