@@ -77,6 +77,8 @@ def to_pil_rgb(image) -> Image.Image:
     """
     if isinstance(image, torch.Tensor):
         t = image.detach().cpu()
+        if t.dtype == torch.bfloat16:  # numpy has no bfloat16
+            t = t.float()
         if t.dim() == 3 and t.shape[0] in (1, 3, 4) and t.shape[-1] not in (1, 3, 4):
             t = t.permute(1, 2, 0)
         image = t.numpy()

@@ -274,3 +274,10 @@ def test_tiny_top_p_is_greedy_and_seeds_reproduce(tiny, gray_image):
     for bad in (0.0, 1.5, float("nan")):
         with pytest.raises(ValueError, match="top_p"):
             tiny.answer([gray_image], "q", temperature=1.0, top_p=bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_float_tensors_of_every_precision_are_read_as_unit_range(dtype):
+    assert (np.asarray(to_pil_rgb(torch.full((3, 5, 6), 0.5, dtype=dtype))) == 128).all()
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        to_pil_rgb(torch.full((3, 5, 6), 300, dtype=dtype))
