@@ -35,6 +35,7 @@ from PIL import Image
 
 from .attention import resolve_backend
 from .config import BagelConfig, LLMConfig
+from .errors import InputError
 from .graphs import GraphDecoder
 from .loader import BackgroundHash, load_checkpoint
 from .model import Context, UniMedVL, VitFn, tokens_to_latent
@@ -124,7 +125,7 @@ def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 def _check_finite_scalar(name: str, v: float) -> float:
     v = float(v)
     if not math.isfinite(v):
-        raise ValueError(f"{name} must be a finite number, got {v}")
+        raise InputError(f"{name} must be a finite number, got {v}")
     return v
 
 
@@ -339,7 +340,7 @@ class Engine:
 
     def _encode_text(self, text: str, what: str) -> list[int]:
         if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"{what} must be a non-empty string")
+            raise InputError(f"{what} must be a non-empty string")
         return self._require_tokenizer().encode(text)
 
     def _images(self, images, rule: ResizeRule) -> list[torch.Tensor]:
@@ -352,10 +353,10 @@ class Engine:
     def _sampling(self, temperature: float, top_p: float, seed: int | None) -> torch.Generator | None:
         temperature = _check_finite_scalar("temperature", temperature)
         if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
+            raise InputError(f"temperature must be >= 0, got {temperature}")
         top_p = _check_finite_scalar("top_p", top_p)
         if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+            raise InputError(f"top_p must be in (0, 1], got {top_p}")
         if temperature == 0:
             return None
         gen = torch.Generator(device=self.device)
@@ -389,7 +390,7 @@ class Engine:
         most ``max_tokens - 1`` tokens are generated (bagel.py:1262-1311).
         """
         if int(max_tokens) < 2:
-            raise ValueError(f"max_think_tokens must be >= 2, got {max_tokens}")
+            raise InputError(f"max_think_tokens must be >= 2, got {max_tokens}")
         text, _ = self._reply(ctx.fork(), int(max_tokens) - 1)
         return text
 
@@ -414,13 +415,13 @@ class Engine:
         inferencer.py:590-613): a system block with :data:`VLM_THINK_SYSTEM_PROMPT` first, each image VAE-resized
         then ViT-resized (980/387/14), then the question; the answer keeps the model's ``<think>`` part.
         The text is cut at the first ``<|im_end|>``/``<|im_start|>`` (bagel.py:1390); ``on_token`` gets
-        the kept text in pieces. Raises ValueError for bad images or parameters.
+        the kept text in pieces. Raises InputError (a ValueError) for bad images or parameters.
         """
         t0 = time.perf_counter()
         ids = self._encode_text(question, "question")
         generator = self._sampling(temperature, top_p, seed)
         if int(max_new_tokens) < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+            raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         ctx = self.new_context()
         if think:
             self.model.append_text(ctx, self.tokenizer.encode(VLM_THINK_SYSTEM_PROMPT))
@@ -450,9 +451,9 @@ class Engine:
         try:
             h, w = (int(size[0]), int(size[1]))
         except (TypeError, ValueError, IndexError) as e:
-            raise ValueError(f"size must be (height, width), got {size!r}") from e
+            raise InputError(f"size must be (height, width), got {size!r}") from e
         if h < LATENT_TOKEN_PX or w < LATENT_TOKEN_PX:
-            raise ValueError(f"size {h}x{w} is below the minimum of {LATENT_TOKEN_PX}x{LATENT_TOKEN_PX} pixels")
+            raise InputError(f"size {h}x{w} is below the minimum of {LATENT_TOKEN_PX}x{LATENT_TOKEN_PX} pixels")
         limit = self._max_side()
         rh, rw = h, w
         if max(rh, rw) > limit:  # keep the aspect ratio inside the latent position table
@@ -471,9 +472,9 @@ class Engine:
         try:
             interval = (float(cfg_interval[0]), float(cfg_interval[1]))
         except (TypeError, ValueError, IndexError) as e:
-            raise ValueError(f"cfg_interval must be (low, high), got {cfg_interval!r}") from e
+            raise InputError(f"cfg_interval must be (low, high), got {cfg_interval!r}") from e
         if renorm_type not in RENORM_TYPES:
-            raise ValueError(f"cfg_renorm_type must be one of {RENORM_TYPES}, got {renorm_type!r}")
+            raise InputError(f"cfg_renorm_type must be one of {RENORM_TYPES}, got {renorm_type!r}")
         s = SamplerSettings(
             steps=int(steps),
             timestep_shift=_check_finite_scalar("timestep_shift", timestep_shift),

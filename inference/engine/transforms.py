@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .errors import InputError
+
 MAX_INPUT_PIXELS = 20_000_000  # pil_img2rgb rejects larger images (data_utils.py:121)
 UINT16_TO_8 = 257.0  # 65535 / 255: full-range 16-bit -> 8-bit, as PIL and libpng scale
 
@@ -87,13 +89,13 @@ def to_pil_rgb(image) -> Image.Image:
         arr = np.asarray(image)
         if image.mode != "F":  # I;16* and I (32-bit, how Pillow opens 16-bit PNGs) hold 16-bit samples
             if arr.size and (arr.min() < 0 or arr.max() > 65535):
-                raise ValueError(f"PIL mode {image.mode} image values must be 16-bit (0..65535)")
+                raise InputError(f"PIL mode {image.mode} image values must be 16-bit (0..65535)")
             arr = arr.astype(np.uint16)
         image = arr
     if isinstance(image, np.ndarray):
         image = Image.fromarray(np.ascontiguousarray(_to_uint8(image)))
     if not isinstance(image, Image.Image):
-        raise ValueError(f"unsupported image type {type(image).__name__}; pass a PIL image, numpy array or tensor")
+        raise InputError(f"unsupported image type {type(image).__name__}; pass a PIL image, numpy array or tensor")
     _check_size(*image.size)
     if image.mode == "RGBA" or image.info.get("transparency") is not None:
         # data_utils.py:124-128: paste through the alpha band onto white
@@ -112,23 +114,23 @@ def _to_uint8(arr: np.ndarray) -> np.ndarray:
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
-        raise ValueError(f"image array must be HxW, HxWx3 or HxWx4, got shape {arr.shape}")
+        raise InputError(f"image array must be HxW, HxWx3 or HxWx4, got shape {arr.shape}")
     _check_size(arr.shape[1], arr.shape[0])
     if arr.dtype == np.uint8:
         return arr
     if arr.dtype == np.bool_ or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
-        raise ValueError(f"image array dtype {arr.dtype} is not supported (use uint8, uint16 or float in [0, 1])")
+        raise InputError(f"image array dtype {arr.dtype} is not supported (use uint8, uint16 or float in [0, 1])")
     f = arr.astype(np.float64)
     if not np.isfinite(f).all():
-        raise ValueError("image contains NaN or Inf values")
+        raise InputError("image contains NaN or Inf values")
     if np.issubdtype(arr.dtype, np.floating):
         if f.min() < 0 or f.max() > 1:
-            raise ValueError("float images must be in [0, 1] (scale them, e.g. by a window, first)")
+            raise InputError("float images must be in [0, 1] (scale them, e.g. by a window, first)")
         f = f * 255.0
     elif arr.dtype == np.uint16:
         f = f / UINT16_TO_8
     elif f.min() < 0 or f.max() > 255:
-        raise ValueError(
+        raise InputError(
             f"{arr.dtype} images must be in 0..255; pass uint16 for 16-bit data or window signed data (HU) first"
         )
     return np.clip(np.rint(f), 0, 255).astype(np.uint8)
@@ -136,9 +138,9 @@ def _to_uint8(arr: np.ndarray) -> np.ndarray:
 
 def _check_size(width: int, height: int) -> None:
     if width * height > MAX_INPUT_PIXELS:
-        raise ValueError(f"image of {width}x{height} pixels is over the 20 megapixel limit")
+        raise InputError(f"image of {width}x{height} pixels is over the 20 megapixel limit")
     if width < 1 or height < 1:
-        raise ValueError(f"image of {width}x{height} pixels has no pixels")
+        raise InputError(f"image of {width}x{height} pixels has no pixels")
 
 
 def resize(image: Image.Image, rule: ResizeRule) -> Image.Image:

@@ -311,8 +311,9 @@ def test_undecodable_pixels_fail_with_a_readable_reason(ct_series) -> None:
 
 def test_engine_refusals_become_pipeline_errors(engine, ct_series, tmp_path) -> None:
     bad = {"kind": "synthesize", "prompt": "p", "size": [32, 32], "cfg_interval": [0.9, 0.1], **FAST}
-    with pytest.raises(PipelineError, match=r"^image synthesis: cfg_interval must satisfy 0 <= lo <= hi <= 1"):
+    refused = r"image synthesis: the model refused the input: cfg_interval must satisfy 0 <= lo <= hi <= 1"
+    with pytest.raises(PipelineError, match=refused):
         run_task("synthesize", ct_series, bad, engine)
     seg = {"kind": "segment", "targets": [{"label": "lesion"}], "slices": "middle", **FAST, "steps": 1}
-    with pytest.raises(PipelineError, match=r"^segmenting 'lesion': steps must be >= 2"):
+    with pytest.raises(PipelineError, match=r"segmenting 'lesion': the model refused the input: steps must be >= 2"):
         run_task("segment", ct_series, seg, engine)
