@@ -107,6 +107,7 @@ def register(app: typer.Typer) -> None:
         retry_backoff: float = typer.Option(
             1.0, "--retry-backoff", help="seconds before a retry, doubling per attempt"
         ),
+        send: list[str] = typer.Option([], "--send", help="also deliver outputs to this [[destinations]] name"),
         scratch: Path | None = typer.Option(None, "--scratch", help="where workers fetch studies (default: temp)"),
         lease_seconds: float = typer.Option(60.0, "--lease-seconds", help="a worker silent this long loses its item"),
         max_attempts: int = typer.Option(3, "--max-attempts", help="tries per study before it ends failed"),
@@ -169,7 +170,12 @@ def register(app: typer.Typer) -> None:
                 max_attempts=max_attempts,
                 lease_seconds=lease_seconds,
                 scratch_dir=str(scratch.resolve()) if scratch else None,
+                send=list(send),
             )
+            known = {d.name for d in settings.destinations}
+            if set(send) - known:
+                typer.echo(f"--send {sorted(set(send) - known)[0]!r}: not a [[destinations]] name", err=True)
+                raise typer.Exit(2)
             code = _run(settings, req, resume, workers, (window, retry_backoff), dry_run, json_progress, mapping_key)
         except (BatchError, SourceError) as exc:
             typer.echo(f"batch: {exc.reason}", err=True)
