@@ -102,6 +102,8 @@ def run_batch(url: str, work: Path, workers: int, tag: str) -> dict[str, Any]:
         "per_study_model_s": round(statistics.mean(t["model_s"] for t in timings), 4),
         "per_study_fetch_s": round(statistics.mean(t["fetch_s"] for t in timings), 4),
         "per_study_write_s": round(statistics.mean(t["write_s"] for t in timings), 4),
+        "per_study_deid_s": round(statistics.mean(t.get("deid_s", 0.0) for t in timings), 4),
+        "per_study_state_s": round(statistics.mean(t.get("state_s", 0.0) for t in timings), 4),
     }
 
 
@@ -136,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                         res["studies_per_hour"] / figures[f"{modality}_loop_studies_per_hour"], 2
                     )
                     figures[f"{modality}_batch_{w}w"] = res
-    head = ("case", "studies/h", "loop/h", "ratio", "overhead s", "of loop", "fetch s", "write s")
+    head = ("case", "studies/h", "loop/h", "ratio", "overhead s", "of loop", "fetch s", "deid s", "write s")
     print(f"{head[0]:<14}" + "".join(f"{h:>11}" for h in head[1:]))
     for modality in ("CR", "CT"):
         for w in a.workers:
@@ -144,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             if r:
                 loop_rate = figures[f"{modality}_loop_studies_per_hour"]
                 cells = (r["studies_per_hour"], loop_rate, r["rate_vs_loop"], r["overhead_s_per_study"])
-                cells += (f"{r['overhead_vs_loop_pct']}%", r["per_study_fetch_s"], r["per_study_write_s"])
+                cells += (f"{r['overhead_vs_loop_pct']}%", r["per_study_fetch_s"], r["per_study_deid_s"])
+                cells += (r["per_study_write_s"],)
                 print(f"{modality + f' {w}w':<14}" + "".join(f"{c!s:>11}" for c in cells))
     if a.out:
         Path(a.out).write_text(json.dumps(figures, indent=2))

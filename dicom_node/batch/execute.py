@@ -326,6 +326,7 @@ def process_study(
     for ds in datasets:
         by_series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append(ds)
     skipped: list[tuple[list[Dataset], str]] = []
+    deid_started = time.monotonic()
     if deid.enabled:
         deidentifier = Deidentifier(opts["secret"], deid)
         for uid in list(by_series):
@@ -336,6 +337,7 @@ def process_study(
             for ds in group:
                 deidentifier.apply(ds)
         by_series = {str(g[0].SeriesInstanceUID): g for g in by_series.values()}
+    deid_s = time.monotonic() - deid_started
     any_ds = next(iter(by_series.values()), None) or (skipped[0][0] if skipped else list(datasets))
     study_uid = str(any_ds[0].get("StudyInstanceUID", ""))
     patient = str(any_ds[0].get("PatientID", "") or "")
@@ -393,7 +395,7 @@ def process_study(
                     model=info,
                 )
             )
-    outcome.timings = {"model_s": round(model_s, 4), "write_s": round(write_s, 4)}
+    outcome.timings = {"deid_s": round(deid_s, 4), "model_s": round(model_s, 4), "write_s": round(write_s, 4)}
     return outcome
 
 
@@ -501,12 +503,19 @@ def run_item(db: Engine, model: Any, item_id: int, *, worker: str | None = None,
             except SourceError as exc:
                 return retry_or_fail(db, c, exc.reason)
             fetch_s = time.monotonic() - started
+            state_started = time.monotonic()
             if not set_state(db, c, RUNNING):
                 return "lost"
+            state_s = time.monotonic() - state_started
             outcome = process_study(datasets, c.batch, model(), out_dir=Path(c.batch.out_dir))
             if hb.lost.is_set():
                 return "lost"
-            timings = {"fetch_s": round(fetch_s, 4), **outcome.timings, "total_s": round(time.monotonic() - started, 4)}
+            timings = {
+                "fetch_s": round(fetch_s, 4),
+                "state_s": round(state_s, 4),
+                **outcome.timings,
+                "total_s": round(time.monotonic() - started, 4),
+            }
             if not record(db, c, outcome, timings, storage):
                 log.warning("batch item %s: claim lost before recording; another attempt owns it", item_id)
                 return "lost"

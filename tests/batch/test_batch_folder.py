@@ -101,3 +101,35 @@ def test_batch_bad_input_is_one_sentence(tmp_path: Path) -> None:
         r = run_cli([*args, "-c", str(cfg)] if "-c" not in args else args, timeout=60)
         assert r.returncode == 2, (args, r.stdout, r.stderr)
         assert expected in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+
+
+def test_dry_run_lists_and_estimates_without_recording(tmp_path: Path) -> None:
+    from tests.batch.conftest import make_archive
+
+    root = tmp_path / "archive"
+    make_archive(root, n_cr=3, ct_slices=0, us=False)
+    db = tmp_path / "index.db"
+    cfg = write_config(tmp_path, f"sqlite:///{db}", f"sqla+sqlite:///{tmp_path / 'broker.db'}")
+    out = tmp_path / "out"
+    r = run_cli(
+        [
+            "batch",
+            str(root),
+            "--out",
+            str(out),
+            "--task",
+            "report",
+            "--max-new-tokens",
+            "2",
+            "--dry-run",
+            "-c",
+            str(cfg),
+        ]
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    est = json.loads(r.stdout[r.stdout.index("{") :])
+    assert est["studies"] == 3 and est["sampled"] == 2 and est["tasks"] == {"report": 2}
+    assert (
+        est["seconds_per_study"] > 0 and abs(est["estimated_seconds_one_worker"] - est["seconds_per_study"] * 3) < 0.1
+    )
+    assert not out.exists() and not db.exists()  # nothing written, nothing recorded
