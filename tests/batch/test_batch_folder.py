@@ -97,6 +97,9 @@ def test_batch_bad_input_is_one_sentence(tmp_path: Path) -> None:
         (["batch", str(tmp_path / "uids.txt"), "--out", str(tmp_path / "o")], "needs --fetch-from"),
     ]
     (tmp_path / "uids.txt").write_text("1.2.3\n")
+    bad_cfg = tmp_path / "bad.toml"
+    bad_cfg.write_text(cfg.read_text() + "[batch]\nmax_fech = 3\n")
+    cases.append((["batch", str(tmp_path), "--out", str(tmp_path / "o"), "-c", str(bad_cfg)], "[batch] in the config"))
     for args, expected in cases:
         r = run_cli([*args, "-c", str(cfg)] if "-c" not in args else args, timeout=60)
         assert r.returncode == 2, (args, r.stdout, r.stderr)
