@@ -9,7 +9,8 @@ In one run, on the same synthetic studies (CR and CT, tiny model on CPU by defau
   DIR, recording results; studies/hour from the first item claimed to the last finished.
 
 Overhead per study = the item's total time (claim to record, from `batch_item.timings`) minus
-its model time (medians over the items; the loop's first call is a warm-up, as a warm worker's); the ratio to the loop's per-study time is the figure the issue bounds (< 20 %
+its model time (medians over the items; the loop's first call is a warm-up, as a warm worker's);
+the ratio to the loop's per-study time is the figure the issue bounds (< 20 %
 for CT). With 2 CPU workers each gets OMP_NUM_THREADS = cores / 2.
 
     python -m benchmarks.batch [--cr 20] [--ct 6] [--ct-slices 8] [--workers 1 2] [--out figures.json]
