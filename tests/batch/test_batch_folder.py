@@ -83,8 +83,12 @@ def test_folder_batch_deidentified_and_rerun_redoes_nothing(tmp_path: Path, arch
     assert {p: p.stat().st_mtime_ns for p in _outputs(out)} == before
     assert len(pq.read_table(out / "results.parquet")) == len(table)
 
-    st = run_cli(["batch", "status", "-c", str(cfg)])
-    assert st.returncode == 0 and "skipped" in st.stdout, st.stdout + st.stderr
+    from typer.testing import CliRunner
+
+    from dicom_node.cli import app
+
+    st = CliRunner().invoke(app, ["batch", "status", "-c", str(cfg)])
+    assert st.exit_code == 0 and "skipped" in st.stdout, st.stdout + st.stderr
 
 
 def test_batch_bad_input_is_one_sentence(tmp_path: Path) -> None:
@@ -100,9 +104,14 @@ def test_batch_bad_input_is_one_sentence(tmp_path: Path) -> None:
     bad_cfg = tmp_path / "bad.toml"
     bad_cfg.write_text(cfg.read_text() + "[batch]\nmax_fech = 3\n")
     cases.append((["batch", str(tmp_path), "--out", str(tmp_path / "o"), "-c", str(bad_cfg)], "[batch] in the config"))
+    from typer.testing import CliRunner
+
+    from dicom_node.cli import app
+
+    runner = CliRunner()  # in-process: these fail before any worker or model is started
     for args, expected in cases:
-        r = run_cli([*args, "-c", str(cfg)] if "-c" not in args else args, timeout=60)
-        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        r = runner.invoke(app, [*args, "-c", str(cfg)] if "-c" not in args else args)
+        assert r.exit_code == 2, (args, r.stdout, r.stderr, r.exception)
         assert expected in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
 
 

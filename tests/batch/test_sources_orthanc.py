@@ -154,5 +154,9 @@ def test_uid_list_with_a_missing_study_and_the_pacs_stopped_and_back(pacs: Any, 
     table = pq.read_table(tmp_path / "out" / "results.parquet").to_pylist()
     failed = [row for row in table if row["state"] == "failed"]
     assert len(failed) == 1 and "C-GET" in failed[0]["reason"]
-    status = run_cli(["batch", "status", "-c", str(cfg)], timeout=60)
+    from typer.testing import CliRunner
+
+    from dicom_node.cli import app
+
+    status = CliRunner().invoke(app, ["batch", "status", "-c", str(cfg)])
     assert "C-GET" in status.stdout and "failed" in status.stdout, status.stdout
