@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0005_batch"
-down_revision = "0003_jobs"
+down_revision = "0004_job_crashes"
 branch_labels = None
 depends_on = None
 
