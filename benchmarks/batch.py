@@ -32,7 +32,7 @@ from typing import Any
 import httpx
 
 from benchmarks.peers import OrthancServer
-from benchmarks.synthetic import make_cr, make_ct_series, new_uid
+from dicom_node.synthetic import make_cr, make_ct_series, new_uid
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_NEW_TOKENS = 8
