@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 from pydicom import dcmread
 
 from tests.batch.conftest import FAST_TASKS, identifying_values, run_cli
@@ -19,6 +20,8 @@ def _outputs(out: Path) -> list[Path]:
     return sorted(p for p in out.rglob("*.dcm"))
 
 
+@pytest.mark.slow
+@pytest.mark.dcmtk
 def test_folder_batch_deidentified_and_rerun_redoes_nothing(tmp_path: Path, archive) -> None:
     root, studies = archive
     (root / "DICOMDIR").write_bytes(b"not parsed: the DICOMDIR's folder is walked")
@@ -115,6 +118,7 @@ def test_batch_bad_input_is_one_sentence(tmp_path: Path) -> None:
         assert expected in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
 
 
+@pytest.mark.slow
 def test_dry_run_lists_and_estimates_without_recording(tmp_path: Path) -> None:
     from tests.batch.conftest import make_archive
 
