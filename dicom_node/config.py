@@ -196,6 +196,7 @@ class Settings(BaseSettings):
     destinations: list[DestinationSettings] = []
     rules: list[dict[str, Any]] | None = None  # validated by dicom_node.routing; None = shipped defaults
     jobs: dict[str, Any] = {}  # validated by dicom_node.jobs (JobSettings)
+    batch: dict[str, Any] = {}  # validated by dicom_node.batch (BatchSettings)
     config_path: Path | None = Field(default=None, exclude=True)
 
     @field_validator("destinations")

@@ -88,28 +88,29 @@ def register(app: typer.Typer) -> None:
         deidentify: bool | None = typer.Option(
             None, "--deidentify/--no-deidentify", help="default: on for PACS sources"
         ),
-        retain_dates: bool = typer.Option(False, "--retain-dates", help="keep dates, shifted (longitudinal option)"),
-        retain_characteristics: bool = typer.Option(False, "--retain-patient-characteristics"),
-        clean_descriptors: bool = typer.Option(False, "--clean-descriptors"),
-        retain_uids: bool = typer.Option(False, "--retain-uids"),
-        allow_burned_in: bool = typer.Option(False, "--allow-burned-in"),
+        retain_dates: bool = typer.Option(None, "--retain-dates", help="keep dates, shifted (longitudinal option)"),
+        retain_characteristics: bool = typer.Option(None, "--retain-patient-characteristics"),
+        clean_descriptors: bool = typer.Option(None, "--clean-descriptors"),
+        retain_uids: bool = typer.Option(None, "--retain-uids"),
+        allow_burned_in: bool = typer.Option(None, "--allow-burned-in"),
         mapping_key: Path | None = typer.Option(None, "--mapping-key", help="write original->pseudonym CSV here"),
         resume: int | None = typer.Option(None, "--resume", help="continue batch ID"),
         query: list[str] = typer.Option([], "--query", help="C-FIND/QIDO filter KEYWORD=VALUE (repeatable)"),
         fetch_from: str | None = typer.Option(None, "--fetch-from", help="PACS to fetch a UID list from"),
         retrieve: str = typer.Option("get", "--retrieve", help="DIMSE retrieval: get | move"),
         move_port: int = typer.Option(0, "--move-port", help="C-MOVE: port of our storage SCP"),
-        max_fetch: int = typer.Option(2, "--max-fetch", help="concurrent retrievals per source"),
+        max_fetch: int = typer.Option(None, "--max-fetch", help="concurrent retrievals per source"),
         workers: int | None = typer.Option(
             None, "--workers", help="embedded workers (default 1 on the embedded broker, 0 on RabbitMQ)"
         ),
-        window: int = typer.Option(4, "--window", help="items in flight at most"),
+        window: int = typer.Option(None, "--window", help="items in flight at most"),
         retry_backoff: float = typer.Option(
-            1.0, "--retry-backoff", help="seconds before a retry, doubling per attempt"
+            None, "--retry-backoff", help="seconds before a retry, doubling per attempt"
         ),
+        send: list[str] = typer.Option([], "--send", help="also deliver outputs to this [[destinations]] name"),
         scratch: Path | None = typer.Option(None, "--scratch", help="where workers fetch studies (default: temp)"),
-        lease_seconds: float = typer.Option(60.0, "--lease-seconds", help="a worker silent this long loses its item"),
-        max_attempts: int = typer.Option(3, "--max-attempts", help="tries per study before it ends failed"),
+        lease_seconds: float = typer.Option(None, "--lease-seconds", help="a worker silent this long loses its item"),
+        max_attempts: int = typer.Option(None, "--max-attempts", help="tries per study before it ends failed"),
         dry_run: bool = typer.Option(False, "--dry-run", help="list and estimate; run nothing"),
         json_progress: bool = typer.Option(False, "--json-progress", help="JSON lines instead of a progress bar"),
         config: Path | None = typer.Option(None, "--config", "-c"),
@@ -137,6 +138,18 @@ def register(app: typer.Typer) -> None:
             if bad:
                 typer.echo(f"--task {bad[0]!r}: expected one of {', '.join(TASK_KINDS)}", err=True)
                 raise typer.Exit(2)
+        from dicom_node.batch.settings import batch_settings
+
+        try:
+            conf = batch_settings(settings)
+        except ValueError as exc:
+            typer.echo(f"[batch] in the config: {exc}", err=True)
+            raise typer.Exit(2) from None
+        d = conf.deidentify
+
+        def pick(flag: Any, default: Any) -> Any:
+            return default if flag is None else flag
+
         try:
             raw_rules = (
                 _task_rule(task, prompt, question, slices, max_new_tokens)
@@ -154,23 +167,29 @@ def register(app: typer.Typer) -> None:
                 rules=raw_rules,
                 deidentify=DeidOptions(
                     enabled=pacs if deidentify is None else deidentify,
-                    retain_longitudinal=retain_dates,
-                    retain_patient_characteristics=retain_characteristics,
-                    clean_descriptors=clean_descriptors,
-                    retain_uids=retain_uids,
-                    allow_burned_in=allow_burned_in,
+                    retain_longitudinal=pick(retain_dates, d.retain_longitudinal),
+                    retain_patient_characteristics=pick(retain_characteristics, d.retain_patient_characteristics),
+                    clean_descriptors=pick(clean_descriptors, d.clean_descriptors),
+                    retain_uids=pick(retain_uids, d.retain_uids),
+                    allow_burned_in=pick(allow_burned_in, d.allow_burned_in),
                 ),
                 query=parse_query(query),
                 fetch_from=fetch_from,
                 retrieve=retrieve,
                 move_port=move_port,
                 calling_ae=settings.node.ae_title,
-                max_fetch=max_fetch,
-                max_attempts=max_attempts,
-                lease_seconds=lease_seconds,
-                scratch_dir=str(scratch.resolve()) if scratch else None,
+                max_fetch=pick(max_fetch, conf.max_fetch),
+                max_attempts=pick(max_attempts, conf.max_attempts),
+                lease_seconds=pick(lease_seconds, conf.lease_seconds),
+                scratch_dir=str(scratch.resolve()) if scratch else (conf.scratch_dir or None),
+                send=list(send),
             )
-            code = _run(settings, req, resume, workers, (window, retry_backoff), dry_run, json_progress, mapping_key)
+            known = {d.name for d in settings.destinations}
+            if set(send) - known:
+                typer.echo(f"--send {sorted(set(send) - known)[0]!r}: not a [[destinations]] name", err=True)
+                raise typer.Exit(2)
+            pacing = (pick(window, conf.window), pick(retry_backoff, conf.retry_backoff_seconds))
+            code = _run(settings, req, resume, workers, pacing, dry_run, json_progress, mapping_key)
         except (BatchError, SourceError) as exc:
             typer.echo(f"batch: {exc.reason}", err=True)
             raise typer.Exit(2) from None

@@ -68,6 +68,7 @@ class BatchRequest:
     max_attempts: int = 3
     lease_seconds: float = 60.0
     scratch_dir: str | None = None
+    send: list[str] = field(default_factory=list)  # [[destinations]] names the outputs also go to
 
     def key(self, model_version: str) -> str:
         payload = {
@@ -93,6 +94,7 @@ class BatchRequest:
             "calling_ae": self.calling_ae,
             "max_fetch": self.max_fetch,
             "scratch_dir": self.scratch_dir,
+            "send": self.send,
         }
 
 

@@ -326,6 +326,7 @@ def process_study(
     for ds in datasets:
         by_series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append(ds)
     skipped: list[tuple[list[Dataset], str]] = []
+    deid_started = time.monotonic()
     if deid.enabled:
         deidentifier = Deidentifier(opts["secret"], deid)
         for uid in list(by_series):
@@ -336,6 +337,7 @@ def process_study(
             for ds in group:
                 deidentifier.apply(ds)
         by_series = {str(g[0].SeriesInstanceUID): g for g in by_series.values()}
+    deid_s = time.monotonic() - deid_started
     any_ds = next(iter(by_series.values()), None) or (skipped[0][0] if skipped else list(datasets))
     study_uid = str(any_ds[0].get("StudyInstanceUID", ""))
     patient = str(any_ds[0].get("PatientID", "") or "")
@@ -393,7 +395,7 @@ def process_study(
                     model=info,
                 )
             )
-    outcome.timings = {"model_s": round(model_s, 4), "write_s": round(write_s, 4)}
+    outcome.timings = {"deid_s": round(deid_s, 4), "model_s": round(model_s, 4), "write_s": round(write_s, 4)}
     return outcome
 
 
@@ -438,14 +440,25 @@ def _row(
     }
 
 
-def record(engine: Engine, c: ItemClaim, outcome: ItemOutcome, timings: dict[str, float]) -> bool:
-    """Insert the result rows and finish the item in one transaction, only while the claim holds."""
+def record(engine: Engine, c: ItemClaim, outcome: ItemOutcome, timings: dict[str, float], storage: Any = None) -> bool:
+    """Insert the result rows and finish the item in one transaction, only while the claim holds.
+
+    With `--send DEST` the output objects are also queued in the gateway's outbox (same
+    transaction; the exporter of `unimedvl serve`/`node` delivers them, idempotent per SOP
+    Instance UID and destination).
+    """
     now = utcnow()
+    send = list(c.batch.options.get("send") or [])
     with Session(engine) as s:
         item = s.exec(select(BatchItem).where(BatchItem.id == c.item.id).with_for_update()).one()
         if item.claim_token != c.token or item.state not in (FETCHING, RUNNING):
             s.rollback()
             return False
+        if send and storage is not None:
+            from dicom_node.export.outbox import enqueue
+
+            for f in outcome.files:
+                enqueue(s, storage, f.read_bytes(), send, now=now)
         for r in outcome.rows:
             s.add(BatchResult(batch_id=c.batch.id or 0, item_id=item.id or 0, timings=timings, created_at=now, **r))
         reason = None
@@ -463,7 +476,7 @@ def scratch_root(batch: BatchRun) -> Path | None:
     return Path(root) if root else None
 
 
-def run_item(db: Engine, model: Any, item_id: int, *, worker: str | None = None) -> str:
+def run_item(db: Engine, model: Any, item_id: int, *, worker: str | None = None, storage: Any = None) -> str:
     """Claim and run one item end to end (the Celery task's body); returns the item's new state
     or "skipped-message" when there was nothing to do. `model()` returns the warm engine."""
     with Session(db) as s:
@@ -490,13 +503,20 @@ def run_item(db: Engine, model: Any, item_id: int, *, worker: str | None = None)
             except SourceError as exc:
                 return retry_or_fail(db, c, exc.reason)
             fetch_s = time.monotonic() - started
+            state_started = time.monotonic()
             if not set_state(db, c, RUNNING):
                 return "lost"
+            state_s = time.monotonic() - state_started
             outcome = process_study(datasets, c.batch, model(), out_dir=Path(c.batch.out_dir))
             if hb.lost.is_set():
                 return "lost"
-            timings = {"fetch_s": round(fetch_s, 4), **outcome.timings, "total_s": round(time.monotonic() - started, 4)}
-            if not record(db, c, outcome, timings):
+            timings = {
+                "fetch_s": round(fetch_s, 4),
+                "state_s": round(state_s, 4),
+                **outcome.timings,
+                "total_s": round(time.monotonic() - started, 4),
+            }
+            if not record(db, c, outcome, timings, storage):
                 log.warning("batch item %s: claim lost before recording; another attempt owns it", item_id)
                 return "lost"
             log.info(

@@ -24,4 +24,4 @@ def run_batch_item(item_id: int) -> str:
         # Same policy as clinical jobs: a worker that cannot load its model stops without
         # consuming items (the message goes back; no attempt is counted).
         return ctx.run(-1)  # WorkerContext.run raises Reject(requeue=True) and stops this worker
-    return run_item(ctx.db, ctx.engine, int(item_id))
+    return run_item(ctx.db, ctx.engine, int(item_id), storage=ctx.storage)

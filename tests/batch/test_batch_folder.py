@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 from pydicom import dcmread
 
 from tests.batch.conftest import FAST_TASKS, identifying_values, run_cli
@@ -19,6 +20,8 @@ def _outputs(out: Path) -> list[Path]:
     return sorted(p for p in out.rglob("*.dcm"))
 
 
+@pytest.mark.slow
+@pytest.mark.dcmtk
 def test_folder_batch_deidentified_and_rerun_redoes_nothing(tmp_path: Path, archive) -> None:
     root, studies = archive
     (root / "DICOMDIR").write_bytes(b"not parsed: the DICOMDIR's folder is walked")
@@ -83,8 +86,12 @@ def test_folder_batch_deidentified_and_rerun_redoes_nothing(tmp_path: Path, arch
     assert {p: p.stat().st_mtime_ns for p in _outputs(out)} == before
     assert len(pq.read_table(out / "results.parquet")) == len(table)
 
-    st = run_cli(["batch", "status", "-c", str(cfg)])
-    assert st.returncode == 0 and "skipped" in st.stdout, st.stdout + st.stderr
+    from typer.testing import CliRunner
+
+    from dicom_node.cli import app
+
+    st = CliRunner().invoke(app, ["batch", "status", "-c", str(cfg)])
+    assert st.exit_code == 0 and "skipped" in st.stdout, st.stdout + st.stderr
 
 
 def test_batch_bad_input_is_one_sentence(tmp_path: Path) -> None:
@@ -97,7 +104,48 @@ def test_batch_bad_input_is_one_sentence(tmp_path: Path) -> None:
         (["batch", str(tmp_path / "uids.txt"), "--out", str(tmp_path / "o")], "needs --fetch-from"),
     ]
     (tmp_path / "uids.txt").write_text("1.2.3\n")
+    bad_cfg = tmp_path / "bad.toml"
+    bad_cfg.write_text(cfg.read_text() + "[batch]\nmax_fech = 3\n")
+    cases.append((["batch", str(tmp_path), "--out", str(tmp_path / "o"), "-c", str(bad_cfg)], "[batch] in the config"))
+    from typer.testing import CliRunner
+
+    from dicom_node.cli import app
+
+    runner = CliRunner()  # in-process: these fail before any worker or model is started
     for args, expected in cases:
-        r = run_cli([*args, "-c", str(cfg)] if "-c" not in args else args, timeout=60)
-        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        r = runner.invoke(app, [*args, "-c", str(cfg)] if "-c" not in args else args)
+        assert r.exit_code == 2, (args, r.stdout, r.stderr, r.exception)
         assert expected in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+
+
+@pytest.mark.slow
+def test_dry_run_lists_and_estimates_without_recording(tmp_path: Path) -> None:
+    from tests.batch.conftest import make_archive
+
+    root = tmp_path / "archive"
+    make_archive(root, n_cr=3, ct_slices=0, us=False)
+    db = tmp_path / "index.db"
+    cfg = write_config(tmp_path, f"sqlite:///{db}", f"sqla+sqlite:///{tmp_path / 'broker.db'}")
+    out = tmp_path / "out"
+    r = run_cli(
+        [
+            "batch",
+            str(root),
+            "--out",
+            str(out),
+            "--task",
+            "report",
+            "--max-new-tokens",
+            "2",
+            "--dry-run",
+            "-c",
+            str(cfg),
+        ]
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    est = json.loads(r.stdout[r.stdout.index("{") :])
+    assert est["studies"] == 3 and est["sampled"] == 2 and est["tasks"] == {"report": 2}
+    assert (
+        est["seconds_per_study"] > 0 and abs(est["estimated_seconds_one_worker"] - est["seconds_per_study"] * 3) < 0.1
+    )
+    assert not out.exists() and not db.exists()  # nothing written, nothing recorded

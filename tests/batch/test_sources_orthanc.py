@@ -74,10 +74,13 @@ def test_dimse_and_dicomweb_list_and_fetch(pacs: Any, tmp_path: Path) -> None:
 def test_deidentified_report_and_vqa_batch_over_dicomweb(pacs: Any, tmp_path: Path) -> None:
     """The README's one command: a de-identified report + VQA batch over the studies in Orthanc."""
     server, studies, _ = pacs
-    cfg = write_config(tmp_path, f"sqlite:///{tmp_path / 'index.db'}", f"sqla+sqlite:///{tmp_path / 'broker.db'}")
+    db_url = f"sqlite:///{tmp_path / 'index.db'}"
+    cfg = write_config(
+        tmp_path, db_url, f"sqla+sqlite:///{tmp_path / 'broker.db'}", pacs=("ORTHANC", server.dicom_port)
+    )
     out = tmp_path / "out"
     scratch = tmp_path / "scratch"
-    args = ["batch", server.dicomweb_url, "--out", str(out), *FAST_TASKS, "--scratch", str(scratch)]
+    args = ["batch", server.dicomweb_url, "--out", str(out), *FAST_TASKS, "--scratch", str(scratch), "--send", "pacs"]
     r = run_cli([*args, "--json-progress", "-c", str(cfg)])
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     table = pq.read_table(out / "results.parquet").to_pylist()
@@ -89,6 +92,13 @@ def test_deidentified_report_and_vqa_batch_over_dicomweb(pacs: Any, tmp_path: Pa
         data = f.read_bytes()
         assert not [v for v in secrets if v.encode() in data], f
     assert scratch.is_dir() and not list(scratch.iterdir())  # each fetched study deleted after its run
+    # --send: every output queued once for the destination (the gateway's exporter delivers it).
+    eng = create_engine(db_url)
+    with eng.connect() as c:
+        queued = c.execute(text("SELECT sop_instance_uid, destination FROM outbox")).all()
+    eng.dispose()
+    assert sorted(u for u, _ in queued) == sorted(str(dcmread(f).SOPInstanceUID) for f in outputs)
+    assert {d for _, d in queued} == {"pacs"}
 
 
 def test_uid_list_with_a_missing_study_and_the_pacs_stopped_and_back(pacs: Any, tmp_path: Path) -> None:
@@ -144,5 +154,9 @@ def test_uid_list_with_a_missing_study_and_the_pacs_stopped_and_back(pacs: Any, 
     table = pq.read_table(tmp_path / "out" / "results.parquet").to_pylist()
     failed = [row for row in table if row["state"] == "failed"]
     assert len(failed) == 1 and "C-GET" in failed[0]["reason"]
-    status = run_cli(["batch", "status", "-c", str(cfg)], timeout=60)
+    from typer.testing import CliRunner
+
+    from dicom_node.cli import app
+
+    status = CliRunner().invoke(app, ["batch", "status", "-c", str(cfg)])
     assert "C-GET" in status.stdout and "failed" in status.stdout, status.stdout
