@@ -50,6 +50,10 @@ def _run_service(config: Path | None, *, api: bool, embedded_worker: bool) -> No
     log = logging.getLogger("dicom_node.cli")
     try:
         service = Service(settings, api=api, embedded_worker=embedded_worker)
+        if api:  # before the API answers, so a login is possible as soon as it does
+            from dicom_node.console.cli import announce_first_admin
+
+            announce_first_admin(settings, f"http://{settings.http.bind}")
         service.start()
     except Exception as exc:
         log.exception("gateway failed to start")
@@ -274,6 +278,15 @@ def _register_jobs() -> None:
 
 
 _register_jobs()
+
+
+def _register_console() -> None:
+    from dicom_node.console.cli import register
+
+    register(app)  # `users`
+
+
+_register_console()
 
 
 @bench_app.command("ingest")

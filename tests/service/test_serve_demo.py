@@ -90,8 +90,26 @@ class Serve:
             self.proc.wait(10)
             raise
 
+    def token(self) -> str:
+        """An API token of the admin `serve` created on first start (the API needs a login)."""
+        if not hasattr(self, "_token"):
+            out = subprocess.run(
+                [*UNIMEDVL, "users", "token", "admin", "--config", str(self.cfg)],
+                capture_output=True,
+                text=True,
+                env=ENV,
+                timeout=60,
+            )
+            assert out.returncode == 0, out.stderr
+            self._token = out.stdout.strip()
+        return self._token
+
     def timeline(self, study_uid: str) -> dict | None:
-        r = httpx.get(f"{self.api}/api/studies/{study_uid}/timeline", timeout=10)
+        r = httpx.get(
+            f"{self.api}/api/studies/{study_uid}/timeline",
+            timeout=10,
+            headers={"Authorization": f"Bearer {self.token()}"},
+        )
         return r.json() if r.status_code == 200 else None
 
     def wait(self, study_uid: str, predicate, timeout: float = 240) -> dict:
