@@ -255,7 +255,15 @@ def create_app(
     # Status reads must not take SQLite's write lock (see dicom_node.db): readonly engine view.
     engine = write_engine.execution_options(readonly=True)
     # The guard is an app-wide dependency: routers included later (by anyone) are covered too.
-    app = FastAPI(title="UniMedVL gateway", version="0.1.0", dependencies=[Depends(guard)])
+    # No /docs, /redoc, /openapi.json: they are plain Starlette routes the guard would not cover.
+    app = FastAPI(
+        title="UniMedVL gateway",
+        version="0.1.0",
+        dependencies=[Depends(guard)],
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
     app.state.engine = write_engine
     app.state.read_engine = engine
     app.state.settings = settings

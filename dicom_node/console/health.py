@@ -227,6 +227,9 @@ class ReadinessCollector(Collector):
     def __init__(self, checker: ReadinessChecker) -> None:
         self.checker = checker
 
+    def describe(self) -> list[Any]:
+        return []  # no checks (broker connection) at registration time, only at scrape time
+
     def collect(self) -> Iterator[GaugeMetricFamily]:
         r = self.checker.check()
         yield GaugeMetricFamily("unimedvl_ready", "1 when /readyz reports ok, 0 when degraded", value=int(r.ok))

@@ -1,4 +1,4 @@
-"""Fixtures for the console tests: one scenario study per module (real ingest, jobs, delivery),
+"""Fixtures for the console tests: one scenario study per session (real ingest, jobs, delivery),
 users of both roles, an app client and a live server for the browser."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ ADMIN = ("alice", "admin-password-1")
 READER = ("bob", "reader-password-1")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
     from benchmarks.peers import StoreSCP
     from dicom_node.console.auth import add_user
