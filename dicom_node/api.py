@@ -244,7 +244,7 @@ def create_app(
     all but /healthz, /readyz, /metrics and /login behind `dicom_node.console.guard.guard`.
     `publisher` (a jobs Publisher) publishes retried jobs at once; without it the sweeper does."""
     from dicom_node.console.guard import guard
-    from dicom_node.console.health import ReadinessChecker, ReadinessCollector
+    from dicom_node.console.health import ReadinessChecker, ReadinessCollector, SafeCollector
     from dicom_node.console.pages import console_router
     from dicom_node.export.api import router as outbox_router
     from dicom_node.export.metrics import OutboxCollector
@@ -270,7 +270,9 @@ def create_app(
     readiness = ReadinessChecker(settings, engine)
     app.state.readiness = readiness
     registry = app_registry(
-        IndexCollector(engine, active_associations), OutboxCollector(engine), ReadinessCollector(readiness)
+        SafeCollector(IndexCollector(engine, active_associations)),
+        SafeCollector(OutboxCollector(engine)),
+        ReadinessCollector(readiness),
     )
     app.state.metrics_registry = registry
     try:

@@ -274,3 +274,20 @@ class ReadinessCollector(Collector):
                 "Seconds since any worker claimed, finished or renewed the lease of a job",
                 value=r.worker_activity_age_s,
             )
+
+
+class SafeCollector(Collector):
+    """Wraps a database-backed collector so a database outage leaves /metrics answering (with
+    `unimedvl_database_up 0`) instead of failing the whole scrape."""
+
+    def __init__(self, inner: Collector) -> None:
+        self.inner = inner
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        try:
+            yield from list(self.inner.collect())
+        except Exception as exc:
+            log.warning("metrics of %s unavailable: %s", type(self.inner).__name__, type(exc).__name__)

@@ -163,7 +163,7 @@ def console_router(publisher: Any = None, jobs_settings: Any = None) -> APIRoute
         reports: dict[int, list[dict[str, Any]]] = {}
         for outs in outputs.values():
             for o in outs:
-                if o["sop_class_uid"].startswith(SR_CLASSES_PREFIX) and o["kind"] == "sr":
+                if o["sop_class_uid"].startswith(SR_CLASSES_PREFIX):
                     try:
                         reports[o["id"]] = sr_text(storage.path(_relpath(e, o["id"])))
                     except (OSError, ValueError, AttributeError) as exc:

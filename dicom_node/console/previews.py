@@ -65,9 +65,15 @@ def _walk(items: Any, depth: int, rows: list[dict[str, Any]]) -> None:
             _walk(item.ContentSequence, depth + 1, rows)
 
 
+def _fit(pil: Image.Image, size: int) -> Image.Image:
+    """Longest side `size` px: shrink smoothly, enlarge small images with visible pixels."""
+    scale = size / max(pil.width, pil.height)
+    new = (max(1, round(pil.width * scale)), max(1, round(pil.height * scale)))
+    return pil.resize(new, Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.NEAREST)
+
+
 def _png(img: np.ndarray, size: int) -> bytes:
-    pil = Image.fromarray(img)
-    pil.thumbnail((size, size))
+    pil = _fit(Image.fromarray(img), size)
     buf = io.BytesIO()
     pil.save(buf, format="PNG")
     return buf.getvalue()
@@ -135,9 +141,7 @@ def seg_overlay_png(
         if mask.shape != img.shape[:2]:
             continue
         img[_outline(mask)] = OUTLINE_RGB
-        tile = Image.fromarray(img)
-        tile.thumbnail((size, size))
-        tiles.append(tile)
+        tiles.append(_fit(Image.fromarray(img), size))
     if not tiles:
         raise PreviewError("the source slices of this segmentation are not stored here")
     strip = Image.new("RGB", (sum(t.width for t in tiles) + 4 * (len(tiles) - 1), max(t.height for t in tiles)))
