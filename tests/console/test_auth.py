@@ -172,3 +172,17 @@ def test_patient_identifiers_only_for_allowed_roles_never_in_urls_or_logs(
             assert not any(v in url for v in secrets_), (p, url)
     assert not any(v in rec.getMessage() for rec in caplog.records for v in secrets_)
     assert dcmread  # the scenario's sources carry the identifiers checked above
+
+
+def test_production_example_is_safe_as_written() -> None:
+    """deploy/unimedvl.example.toml: console on loopback (for a TLS proxy), secure cookies."""
+    import ipaddress
+
+    from dicom_node.config import load_config
+    from tests.conftest import REPO
+
+    s = load_config(REPO / "deploy" / "unimedvl.example.toml")
+    assert ipaddress.ip_address(s.http.host).is_loopback
+    assert s.console.cookie_secure and all(o.startswith("https://") for o in s.console.allowed_origins)
+    compose = (REPO / "deploy" / "compose.yaml").read_text()
+    assert '"8080:8080"' not in compose and "127.0.0.1:8080:8080" in compose

@@ -168,3 +168,28 @@ def test_each_readiness_check_degrades_with_a_reason(tmp_path: Path, case: str, 
     assert _metric(metrics, "unimedvl_ready") == 0
     assert f'unimedvl_ready_check{{check="{check}"}} 0.0' in metrics
     engine.dispose()
+
+
+def test_monitoring_files_use_metrics_the_gateway_serves(scenario: Any) -> None:
+    """deploy/monitoring: every metric the alert rules and the Grafana dashboard query exists."""
+    import json
+    import re
+
+    import yaml
+
+    from tests.conftest import REPO
+
+    client = TestClient(make_app(scenario.settings))
+    text = client.get("/metrics").text
+
+    def base(name: str) -> str:
+        return re.sub(r"_(total|bucket|count|sum|created)$", "", name)
+
+    served = {base(m) for m in re.findall(r"^(?:# TYPE )?(unimedvl_[a-z_]+)", text, flags=re.M)}
+    mon = REPO / "deploy" / "monitoring"
+    rules = yaml.safe_load((mon / "alerts.yml").read_text())
+    exprs = [r["expr"] for g in rules["groups"] for r in g["rules"]]
+    dash = json.loads((mon / "grafana-dashboard.json").read_text())
+    exprs += [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    used = {base(m) for e in exprs for m in re.findall(r"unimedvl_[a-z_]+", e)}
+    assert len(used) >= 12 and used <= served, sorted(used - served)
