@@ -158,7 +158,7 @@ def _kv_table(title: str, data: dict[str, Any]) -> Any:
     from rich.table import Table
 
     t = Table(title=title)
-    t.add_column("what")
+    t.add_column("what", overflow="fold")
     t.add_column("count", justify="right")
     for k, v in data.items():
         t.add_row(k, str(v))
@@ -171,7 +171,7 @@ def _rows_table(title: str, cols: list[str], rows: list[dict[str, Any]]) -> Any:
 
     t = Table(title=title)
     for col in cols:
-        t.add_column(col)
+        t.add_column(col, overflow="fold")  # wrap long UIDs and messages instead of cutting them
     for r in rows:
         t.add_row(*(escape(str(r.get(col) if r.get(col) is not None else "")) for col in cols))
     return t
@@ -182,14 +182,13 @@ def _studies_table(rows: list[dict[str, Any]], title: str) -> Any:
         title,
         [
             "id",
+            "study_instance_uid",
             "accession_number",
             "study_date",
             "modalities",
-            "series_count",
             "instance_count",
             "revision",
             "state",
-            "completion_reason",
             "last_received_at",
         ],
         [{**r, "modalities": ",".join(r["modalities"])} for r in rows],
@@ -212,6 +211,7 @@ def demo(
 def timeline(
     study_instance_uid: str = typer.Argument(..., help="StudyInstanceUID"),
     config: Path | None = ConfigOption,
+    as_json: bool = typer.Option(False, "--json", help="print JSON (for scripts) instead of a tree"),
 ) -> None:
     """One study's timeline: received, complete, planned, jobs, outputs, delivered."""
     import json
@@ -229,7 +229,14 @@ def timeline(
     if data is None:
         typer.echo("no such study", err=True)
         raise typer.Exit(1)
-    typer.echo(json.dumps(data, indent=2))
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    from rich.console import Console
+
+    from dicom_node.console.tree import timeline_tree
+
+    Console().print(timeline_tree(data))
 
 
 @app.command()
