@@ -81,22 +81,29 @@ def workers(engine: Engine, within_hours: float = 24.0, now: datetime | None = N
         out = []
         for worker, last, n in rows:
             latest = s.exec(
-                select(Job.model_info, Job.state, Job.kind)
-                .where(Job.worker == worker)
-                .order_by(col(Job.updated_at).desc())
-                .limit(1)
+                select(Job.state).where(Job.worker == worker).order_by(col(Job.updated_at).desc()).limit(1)
             ).first()
-            info = (latest[0] if latest else None) or {}
+            # The model a worker runs is recorded with each job it finished (engine.info).
+            info = (
+                s.exec(
+                    select(Job.model_info)
+                    .where(Job.worker == worker, col(Job.model_info).is_not(None))
+                    .order_by(col(Job.updated_at).desc())
+                    .limit(1)
+                ).first()
+                or {}
+            )
             last_aware = last if last.tzinfo else last.replace(tzinfo=UTC)
             out.append(
                 {
                     "worker": worker,
                     "last_activity_s": max((now - last_aware).total_seconds(), 0.0),
                     "jobs": n,
-                    "state": latest[1] if latest else None,
-                    "model": info.get("name") or info.get("model") or info.get("model_version"),
-                    "device": info.get("device"),
-                    "memory": info.get("peak_memory") or info.get("memory"),
+                    "state": latest,
+                    "model": " ".join(str(info[k]) for k in ("model_name", "version") if info.get(k)) or None,
+                    "device": " ".join(str(info[k]) for k in ("device", "dtype") if info.get(k)) or None,
+                    # weights loaded: "understanding" (~16 GiB on GPU) or "all" (~30 GiB)
+                    "parts": info.get("parts"),
                     "info": info,
                 }
             )

@@ -73,6 +73,12 @@ def test_admin_sees_failure_reason_and_seg_overlay_then_retries(
     browser: Any, live: Any, scenario: Any, artefacts: Path
 ) -> None:
     page = _login(browser, live, ADMIN)
+    page.goto(f"{live.url}/")
+    dashboard = page.inner_text("main")
+    assert "jobs failed: 1" in dashboard and "cannot decode pixel data" in dashboard
+    assert "test-worker:1" in dashboard and "cpu float32" in dashboard  # the worker, its device
+    _shot(page, artefacts, "console-dashboard")
+    page.goto(f"{live.url}/studies/1")
     assert page.inner_text("#study-uid") == scenario.study_uid
     failed = page.locator(f"#job-{scenario.failed_job}")
     assert "failed" in failed.inner_text() and "cannot decode pixel data" in failed.inner_text()
@@ -98,7 +104,4 @@ def test_admin_sees_failure_reason_and_seg_overlay_then_retries(
     page.wait_for_selector(".flash", timeout=15_000)
     assert f"job {scenario.failed_job} re-queued" in page.inner_text(".flash")
     assert "planned" in page.locator(f"#job-{scenario.failed_job}").inner_text()
-    page.goto(f"{live.url}/")
-    assert "Dashboard" in page.inner_text("h1")
-    _shot(page, artefacts, "console-dashboard")
     page.context.close()
