@@ -153,7 +153,7 @@ class ConsoleSettings(_Section):
     session_hours: float = Field(12.0, gt=0)  # a login lasts this long
     cookie_secure: bool = False  # set when the console is served over HTTPS (a proxy terminating TLS)
     allowed_origins: list[str] = []  # extra Origins accepted on POSTs (e.g. the proxy's https://host)
-    phi_roles: list[str] = ["admin"]  # roles that see patient name/ID (never in URLs or logs)
+    phi_roles: list[Literal["admin", "readonly"]] = ["admin"]  # roles that see patient name/ID (never in URLs or logs)
     viewer_url: str = ""  # e.g. "https://pacs/ohif/viewer?StudyInstanceUIDs={study_uid}"
     first_admin: str = "admin"  # the user `serve` creates, with a printed password, on an empty database
 

@@ -31,6 +31,20 @@ def _password(password_stdin: bool) -> str:
     return typer.prompt("password", hide_input=True, confirmation_prompt=True)
 
 
+def _act(config: Path | None, action: Any) -> Any:
+    """Run `action(engine)`; an AuthError is one readable line on stderr and exit status 2."""
+    from dicom_node.console.auth import AuthError
+
+    engine = _engine(config)
+    try:
+        return action(engine)
+    except AuthError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    finally:
+        engine.dispose()
+
+
 @users_app.command("add")
 def add(
     name: str = typer.Argument(..., help="user name"),
@@ -39,16 +53,10 @@ def add(
     config: Path | None = ConfigOption,
 ) -> None:
     """Create a console user (the password is prompted for, or read from stdin)."""
-    from dicom_node.console.auth import AuthError, add_user
+    from dicom_node.console.auth import add_user
 
-    engine = _engine(config)
-    try:
-        add_user(engine, name, _password(password_stdin), role)
-    except AuthError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(2) from None
-    finally:
-        engine.dispose()
+    password = _password(password_stdin)
+    _act(config, lambda engine: add_user(engine, name, password, role))
     typer.echo(f"user {name} ({role}) created")
 
 
@@ -59,32 +67,19 @@ def passwd(
     config: Path | None = ConfigOption,
 ) -> None:
     """Set a user's password (their sessions end)."""
-    from dicom_node.console.auth import AuthError, set_password
+    from dicom_node.console.auth import set_password
 
-    engine = _engine(config)
-    try:
-        set_password(engine, name, _password(password_stdin))
-    except AuthError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(2) from None
-    finally:
-        engine.dispose()
+    password = _password(password_stdin)
+    _act(config, lambda engine: set_password(engine, name, password))
     typer.echo(f"password of {name} changed")
 
 
 @users_app.command("remove")
 def remove(name: str = typer.Argument(...), config: Path | None = ConfigOption) -> None:
     """Disable a user and revoke their sessions and API tokens."""
-    from dicom_node.console.auth import AuthError, remove_user
+    from dicom_node.console.auth import remove_user
 
-    engine = _engine(config)
-    try:
-        remove_user(engine, name)
-    except AuthError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(2) from None
-    finally:
-        engine.dispose()
+    _act(config, lambda engine: remove_user(engine, name))
     typer.echo(f"user {name} disabled")
 
 
@@ -93,13 +88,9 @@ def list_(config: Path | None = ConfigOption) -> None:
     """Users with their role."""
     from dicom_node.console.auth import list_users
 
-    engine = _engine(config)
-    try:
-        for u in list_users(engine):
-            flag = "\tdisabled" if u["disabled"] else ""
-            typer.echo(f"{u['name']}\t{u['role']}{flag}")
-    finally:
-        engine.dispose()
+    for u in _act(config, list_users):
+        flag = "\tdisabled" if u["disabled"] else ""
+        typer.echo(f"{u['name']}\t{u['role']}{flag}")
 
 
 @users_app.command("token")
@@ -109,16 +100,9 @@ def token(
     config: Path | None = ConfigOption,
 ) -> None:
     """Create an API token for scripts (printed once; send it as `Authorization: Bearer TOKEN`)."""
-    from dicom_node.console.auth import AuthError, create_token
+    from dicom_node.console.auth import create_token
 
-    engine = _engine(config)
-    try:
-        typer.echo(create_token(engine, name, label))
-    except AuthError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(2) from None
-    finally:
-        engine.dispose()
+    typer.echo(_act(config, lambda engine: create_token(engine, name, label)))
 
 
 def announce_first_admin(settings: Any, url: str) -> None:

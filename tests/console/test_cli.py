@@ -62,3 +62,32 @@ def test_status_wraps_instead_of_truncating_and_names_studies(scenario: Any, col
     flat = re.sub(r"\s+", "", out)  # wrapped lines joined: the whole UID and message are there
     assert f"ofstudy{scenario.study_uid}failed" in flat
     assert "cannotdecodepixeldata" in flat
+
+
+def test_users_commands(tmp_path: Any) -> None:
+    from fastapi.testclient import TestClient
+
+    from dicom_node.config import load_config
+    from tests.console.conftest import make_app
+
+    cfg = tmp_path / "unimedvl.toml"
+    cfg.write_text(f'[database]\nurl = "sqlite:///{tmp_path / "index.db"}"\n[storage]\npath = "{tmp_path / "s"}"\n')
+    runner = CliRunner()
+
+    def users(*args: str, stdin: str | None = None) -> Any:
+        return runner.invoke(app, ["users", *args, "--config", str(cfg)], input=stdin)
+
+    assert users("add", "carol", "--role", "admin", "--password-stdin", stdin="carol-password-1\n").exit_code == 0
+    again = users("add", "carol", "--password-stdin", stdin="another-password\n")
+    assert again.exit_code == 2 and "exists already" in again.output
+    short = users("add", "dave", "--password-stdin", stdin="short\n")
+    assert short.exit_code == 2 and "at least 10 characters" in short.output
+    bad_role = users("add", "erin", "--role", "root", "--password-stdin", stdin="erin-password-1\n")
+    assert bad_role.exit_code == 2 and "role must be one of" in bad_role.output
+    assert users("list").output.split() == ["carol", "admin"]
+    token = users("token", "carol", "--label", "ci").output.strip()
+    client = TestClient(make_app(load_config(cfg)))
+    assert client.get("/api/jobs", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+    assert users("remove", "carol").exit_code == 0
+    assert client.get("/api/jobs", headers={"Authorization": f"Bearer {token}"}).status_code == 401
+    assert users("token", "nobody").exit_code == 2
