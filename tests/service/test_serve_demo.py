@@ -173,8 +173,33 @@ def test_serve_and_demo_deliver_every_object_type_to_orthanc(tmp_path: Path, ser
             [*UNIMEDVL, "status", "--config", str(cfg)], cwd=tmp_path, env=ENV, capture_output=True, text=True
         )
         assert status.returncode == 0 and "Jobs" in status.stdout, status.stdout + status.stderr
+        _console_shows_the_demo_study(serve, demo.stdout)
         assert serve.stop() == 0
         assert "DEMO^0001" not in serve.log.read_text()  # no PHI in the logs
+
+
+def _console_shows_the_demo_study(serve: Serve, demo_out: str) -> None:
+    """README's first-run step: the password `serve` printed logs in; the demo study's page shows
+    the SR text and the SEG overlay."""
+    import re
+
+    password = re.search(r"created with password\s+(\S+)", serve.log.read_text())
+    assert password, serve.log.read_text()[-2000:]
+    page_url = re.search(r"http://\S+/studies/\d+", demo_out)
+    assert page_url, demo_out
+    with httpx.Client(base_url=serve.api, timeout=20) as c:
+        assert c.get(page_url.group(0), follow_redirects=False).status_code == 303  # login first
+        r = c.post("/login", data={"username": "admin", "password": password.group(1), "next": "/"})
+        assert r.status_code == 303 and r.headers["location"] == "/", r.text
+        assert "Dashboard" in c.get("/").text
+        page = c.get(page_url.group(0)).text
+        assert "Findings" in page or "Impression" in page or "Answer" in page  # report/VQA text from the SR
+        previews = re.findall(r'class="preview preview-(seg|sc)" src="([^"]+)"', page)
+        assert {k for k, _ in previews} == {"seg", "sc"}, previews
+        for _kind, src in previews:
+            img = c.get(src)
+            assert img.status_code == 200 and img.headers["content-type"] == "image/png", src
+            assert img.content[:4] == b"\x89PNG"
 
 
 def test_restart_resumes_queued_jobs_and_unsent_outputs(tmp_path: Path, serve_factory) -> None:
