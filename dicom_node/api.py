@@ -269,9 +269,12 @@ def create_app(
     app.state.settings = settings
     readiness = ReadinessChecker(settings, engine)
     app.state.readiness = readiness
+    from dicom_node.jobs.metrics import JobCollector
+
     registry = app_registry(
         SafeCollector(IndexCollector(engine, active_associations)),
         SafeCollector(OutboxCollector(engine)),
+        SafeCollector(JobCollector(engine)),
         ReadinessCollector(readiness),
     )
     app.state.metrics_registry = registry

@@ -1,7 +1,7 @@
 """Console: users, login sessions and API tokens.
 
 Revision ID: 0006_console
-Revises: 0003_jobs
+Revises: 0005_batch
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0006_console"
-down_revision = "0003_jobs"
+down_revision = "0005_batch"  # re-chained after merging main (was 0003_jobs)
 branch_labels = None
 depends_on = None
 
