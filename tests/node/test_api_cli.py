@@ -125,12 +125,13 @@ def test_serve_status_and_studies_commands(tmp_path: Path) -> None:
             assert proc.poll() is None, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
             assert time.monotonic() < deadline, "serve did not come up"
             time.sleep(0.3)
-        study = pydicom.uid.generate_uid()
-        assert [s.Status for s in store(port, [make_ct(study, instance_number=i) for i in range(3)])] == [0] * 3
         api = f"http://127.0.0.1:{http_port}/api/studies"
         assert httpx.get(api, timeout=5).status_code == 401
+        # a token of the admin `serve` created (before the study: stop while no job has started yet)
         token = _cli("users", "token", "admin", "--config", str(cfg), cwd=tmp_path)
         assert token.returncode == 0, token.stderr
+        study = pydicom.uid.generate_uid()
+        assert [s.Status for s in store(port, [make_ct(study, instance_number=i) for i in range(3)])] == [0] * 3
         studies = httpx.get(api, timeout=5, headers={"Authorization": f"Bearer {token.stdout.strip()}"}).json()
         assert studies[0]["instance_count"] == 3
     finally:
