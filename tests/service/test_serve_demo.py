@@ -150,6 +150,7 @@ def orthanc_modalities(pacs: OrthancServer, study_uid: str) -> dict[str, int]:
     return counts
 
 
+@pytest.mark.orthanc
 def test_serve_and_demo_deliver_every_object_type_to_orthanc(tmp_path: Path, serve_factory) -> None:
     require_tool("Orthanc")
     with OrthancServer(tmp_path / "orthanc") as pacs:
@@ -202,6 +203,7 @@ def _console_shows_the_demo_study(serve: Serve, demo_out: str) -> None:
             assert img.content[:4] == b"\x89PNG"
 
 
+@pytest.mark.orthanc
 def test_restart_resumes_queued_jobs_and_unsent_outputs(tmp_path: Path, serve_factory) -> None:
     require_tool("Orthanc")
     pacs_port = free_port()

@@ -27,7 +27,7 @@ def upgrade() -> None:
         sa.Column("role", sa.String(length=16), nullable=False),
         sa.Column("password_hash", sa.String(length=255), nullable=False),
         _ts("created_at"),
-        sa.Column("disabled", sa.Boolean(), nullable=False, server_default=sa.false()),
+        sa.Column("disabled", sa.Boolean(), nullable=False),
     )
     op.create_table(
         "console_session",
