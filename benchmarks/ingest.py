@@ -48,11 +48,11 @@ TARGETS = ("node", "storescp", "orthanc")
 ASSOCIATIONS = (1, 8)
 NODE_AET = "UNIMEDVL"
 
-# Targets from the product card.
-MIN_RATIO_1_VS_STORESCP = 0.8
-MIN_RATIO_1_VS_ORTHANC = 1.0
-MIN_RATIO_8_VS_ORTHANC = 1.0
-MAX_SECONDS_1000 = 20.0
+# Targets (issue 15).
+MIN_RATIO_1_VS_ORTHANC = 1.5
+MIN_RATIO_8_VS_ORTHANC = 1.5
+MIN_RATIO_8_VS_1 = 1.0  # eight associations never slower than one
+MAX_SECONDS_1000 = 4.0
 
 
 @dataclass
@@ -68,6 +68,8 @@ class Run:
     rc: int
     note: str = ""
     load: float = 0.0  # 1-minute load average when the run started: the machine may be shared
+    # Our node only: per-instance milliseconds by stage, from its "association closed" log lines.
+    split: dict[str, float] = field(default_factory=dict)
 
     @property
     def instances_per_s(self) -> float:
@@ -254,6 +256,7 @@ class Target:
     port: int
     aet: str
     received: Callable[[], int]
+    log_path: Path | None = None
 
 
 @contextmanager
@@ -264,7 +267,7 @@ def _target(
         node = NodeProcess(workdir, listeners=listeners, wrap=node_wrap, env=node_env)
         node.start()
         try:
-            yield Target(node.host, node.port, node.aet, node.received)
+            yield Target(node.host, node.port, node.aet, node.received, node.log_path)
         finally:
             node.stop()
     elif name == "storescp":
@@ -309,6 +312,8 @@ def run_once(
         res = storescu_send(files, t.host, t.port, t.aet, associations=associations)
         expected = len(files) + 1
         count, lag = _wait_count(t.received, expected, settle_timeout)
+        log_path = t.log_path
+    split = node_split(log_path) if log_path is not None else {}
     received = max(count - 1, 0)  # minus the warm-up instance
     note = ""
     if res.rc != 0:
@@ -329,7 +334,40 @@ def run_once(
         rc=res.rc,
         note=note,
         load=load,
+        split=split,
     )
+
+
+def node_split(log_path: Path) -> dict[str, float]:
+    """Per-instance ms by stage over the timed associations (those that stored 2+ instances).
+
+    handler: our C-STORE handler in all; inside it write (bytes + hash), fsync (file, rename,
+    directory) run on a writer thread beside the parse, and index is the transaction including
+    its wait for that write. transport: association time outside the handler (pynetdicom's PDU
+    reading, DIMSE decoding, reactor hand-offs, the sender's own time).
+    """
+    sums = {"seconds": 0.0, "handler_s": 0.0, "write_s": 0.0, "fsync_s": 0.0, "index_s": 0.0}
+    stored = 0
+    for line in log_path.read_text(errors="replace").splitlines():
+        if 'msg="association closed"' not in line:
+            continue
+        fields = dict(p.split("=", 1) for p in line.split(" ") if "=" in p)
+        n = int(fields.get("stored", "0"))
+        if n < 2:
+            continue  # the warm-up
+        stored += n
+        for k in sums:
+            sums[k] += float(fields.get(k, "0"))
+    if not stored:
+        return {}
+    ms = {k: 1000 * v / stored for k, v in sums.items()}
+    return {
+        "transport_ms": round(ms["seconds"] - ms["handler_s"], 3),
+        "handler_ms": round(ms["handler_s"], 3),
+        "write_ms": round(ms["write_s"], 3),
+        "fsync_ms": round(ms["fsync_s"], 3),
+        "index_ms": round(ms["index_s"], 3),
+    }
 
 
 # --------------------------------------------------------------------------------------------- report
@@ -346,17 +384,17 @@ def checks(report: Report) -> list[dict[str, Any]]:
     node1, node8 = report.best("node", 1), report.best("node", 8)
     out = [
         {
-            "name": "1 association: node >= 0.8x storescp",
-            "value": _ratio(node1, report.best("storescp", 1)),
-            "limit": MIN_RATIO_1_VS_STORESCP,
+            "name": "8 associations: node >= 1.0x node on 1 association",
+            "value": _ratio(node8, node1),
+            "limit": MIN_RATIO_8_VS_1,
         },
         {
-            "name": "1 association: node >= 1.0x Orthanc",
+            "name": "1 association: node >= 1.5x Orthanc",
             "value": _ratio(node1, report.best("orthanc", 1)),
             "limit": MIN_RATIO_1_VS_ORTHANC,
         },
         {
-            "name": "8 associations: node >= 1.0x Orthanc",
+            "name": "8 associations: node >= 1.5x Orthanc",
             "value": _ratio(node8, report.best("orthanc", 8)),
             "limit": MIN_RATIO_8_VS_ORTHANC,
         },
@@ -365,8 +403,8 @@ def checks(report: Report) -> list[dict[str, Any]]:
         c["met"] = c["value"] is not None and c["value"] >= c["limit"]
     if report.n >= 1000 and node1 is not None:
         secs = node1.seconds * 1000 / report.n
-        out.append({"name": "1,000-slice CT over 1 association <= 20 s", "value": secs, "limit": MAX_SECONDS_1000})
-        out[-1]["met"] = secs <= MAX_SECONDS_1000
+        out.append({"name": "1,000-slice CT over 1 association < 4 s", "value": secs, "limit": MAX_SECONDS_1000})
+        out[-1]["met"] = secs < MAX_SECONDS_1000
     return out
 
 
@@ -398,6 +436,11 @@ def render(report: Report, console: Console) -> None:
                 "[green]yes" + (f" ({best.note})" if best.note else ""),
             )
     console.print(table)
+    for assoc in ASSOCIATIONS:
+        best = report.best("node", assoc)
+        if best is not None and best.split:
+            parts = ", ".join(f"{k[:-3]} {v:.2f}" for k, v in best.split.items())
+            console.print(f"  node, {assoc} association(s), ms per instance: {parts}")
     for c in checks(report):
         value = "n/a" if c["value"] is None else f"{c['value']:.2f}"
         mark = "[green]met" if c["met"] else "[red]MISSED"

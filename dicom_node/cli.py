@@ -298,6 +298,15 @@ def _register_console() -> None:
 _register_console()
 
 
+def _register_eval() -> None:
+    from dicom_node.eval_cli import register
+
+    register(app)  # `eval`
+
+
+_register_eval()
+
+
 def _register_batch() -> None:
     from dicom_node.batch.cli import register
 

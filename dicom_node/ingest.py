@@ -15,9 +15,10 @@ import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from io import BytesIO
 from typing import Any
@@ -29,6 +30,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlmodel import Session, UTCDateTime
 
+from dicom_node.dataset_check import Incomplete, Walked, check_pixel_length, walk_elements
 from dicom_node.logs import kv
 from dicom_node.models import (
     COMPLETE,
@@ -43,6 +45,7 @@ from dicom_node.models import (
     Study,
     StudyRevision,
 )
+from dicom_node.sop_classes import is_image_storage
 from dicom_node.storage import Storage, StorageFull, StoredObject
 
 log = logging.getLogger("dicom_node.ingest")
@@ -114,7 +117,8 @@ MALFORMED_UID = 0xC002
 PROCESSING_FAILURE = 0x0110
 SOP_CLASS_NOT_SUPPORTED = 0x0122
 
-UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+# PS3.5 9.1: components are digits without a leading zero (a lone "0" is allowed).
+UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
 _TAGS = [
     "SOPClassUID",
@@ -133,6 +137,9 @@ _TAGS = [
     "InstanceNumber",
     "Rows",
     "Columns",
+    "SamplesPerPixel",
+    "BitsAllocated",
+    "NumberOfFrames",
 ]
 _SPECIFIC = [Tag(k) for k in _TAGS]
 
@@ -173,6 +180,9 @@ class Tags:
     instance_number: int | None
     rows: int | None
     columns: int | None
+    samples_per_pixel: int | None = None
+    bits_allocated: int | None = None
+    number_of_frames: int | None = None
 
 
 @dataclass(frozen=True)
@@ -183,6 +193,11 @@ class Outcome:
     revision: int
     size: int
     sha256: str
+    # Where the time went (seconds): bytes written, fsyncs (file, rename, directory), and the
+    # index transaction including its wait for the write. Write and fsync overlap the parse.
+    write_s: float = 0.0
+    fsync_s: float = 0.0
+    index_s: float = 0.0
 
 
 def clean_text(value: Any, limit: int = 10_000) -> str | None:
@@ -194,6 +209,15 @@ def clean_text(value: Any, limit: int = 10_000) -> str | None:
         return None
     s = s.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
     return s[:limit]
+
+
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F]}
+
+
+def printable(value: Any, limit: int = 200) -> str:
+    """A received value made safe for one log line: control characters (NUL, newline, ESC...)
+    written as \\xNN escapes, bounded in length."""
+    return str(value)[:limit].translate(_CONTROL)
 
 
 def short_ae(value: Any) -> str:
@@ -259,7 +283,51 @@ def parse_tags(preamble_and_meta: bytes, dataset: bytes) -> Tags:
         instance_number=_int(ds.get("InstanceNumber")) if "InstanceNumber" in present else None,
         rows=_int(ds.get("Rows")) if "Rows" in present else None,
         columns=_int(ds.get("Columns")) if "Columns" in present else None,
+        samples_per_pixel=_int(ds.get("SamplesPerPixel")) if "SamplesPerPixel" in present else None,
+        bits_allocated=_int(ds.get("BitsAllocated")) if "BitsAllocated" in present else None,
+        number_of_frames=_int(ds.get("NumberOfFrames")) if "NumberOfFrames" in present else None,
     )
+
+
+def check_encoding(dataset: bytes, transfer_syntax_uid: str) -> Walked | None:
+    """0xC000 unless the encoding reaches its end (no truncated element, no missing delimiter).
+
+    Runs before the tags are read: a cut-off data set is reported as such, not as a missing UID.
+    See dicom_node/dataset_check.py.
+    """
+    try:
+        return walk_elements(dataset, transfer_syntax_uid)
+    except Incomplete as exc:
+        raise Refused(CANNOT_UNDERSTAND, str(exc), "incomplete", str(exc)) from exc
+
+
+def check_pixels(walked: Walked | None, transfer_syntax_uid: str, tags: Tags) -> None:
+    """0xA900 when the data set cannot be what its SOP class says: an image without pixel data,
+    native Pixel Data whose length differs from Rows x Columns x Samples x Bits x Frames."""
+    if walked is None:
+        return
+    if is_image_storage(tags.sop_class_uid) and not walked.has_pixel_data:
+        msg = "Image SOP Class without Pixel Data (truncated?)"
+        raise Refused(DATASET_MISMATCH, msg, "incomplete", msg)
+    try:
+        check_pixel_length(
+            walked.pixel,
+            transfer_syntax_uid,
+            rows=tags.rows,
+            columns=tags.columns,
+            samples=tags.samples_per_pixel,
+            bits_allocated=tags.bits_allocated,
+            frames=tags.number_of_frames,
+        )
+    except Incomplete as exc:
+        raise Refused(DATASET_MISMATCH, str(exc), "pixel_length", str(exc)) from exc
+
+
+def _part10_head_length(data: bytes) -> int:
+    """Bytes of preamble + 'DICM' + File Meta group (PS3.10 7.1), from its group length element."""
+    if len(data) < 144 or data[128:132] != b"DICM" or data[132:136] != b"\x02\x00\x00\x00":
+        raise Refused(CANNOT_UNDERSTAND, "Not a DICOM Part 10 file", "unparsable", "no DICM prefix / group length")
+    return 144 + int.from_bytes(data[140:144], "little")
 
 
 def _now() -> datetime:
@@ -378,14 +446,25 @@ class Ingest:
             digest = hashlib.sha256(head)
             digest.update(dataset)
             sha = digest.hexdigest()
+            walked = check_encoding(dataset, transfer_syntax_uid)
             tags = parse_tags(head, dataset)
+            check_pixels(walked, transfer_syntax_uid, tags)
             if affected_sop_class_uid and tags.sop_class_uid != str(affected_sop_class_uid):
                 raise Refused(DATASET_MISMATCH, "SOPClassUID differs from the request", "sop_class_mismatch")
             if affected_sop_instance_uid and tags.sop_instance_uid != str(affected_sop_instance_uid):
                 raise Refused(DATASET_MISMATCH, "SOPInstanceUID differs from the request", "sop_instance_mismatch")
             # Identical re-sends are recognised inside the index transaction (and their copy removed):
             # a separate look-up first would cost every new instance an extra round trip.
+            t_index = time.perf_counter()
             outcome, drop_relpath = self._index(tags, relpath, sha, size, transfer_syntax_uid, peer, pending)
+            if pending.done() and pending.exception() is None:
+                stored = pending.result()
+                outcome = replace(
+                    outcome,
+                    write_s=stored.write_s,
+                    fsync_s=stored.fsync_s,
+                    index_s=time.perf_counter() - t_index,
+                )
         except BaseException:
             # Not acknowledged, so not kept: the sender will retry.
             self._discard(pending, relpath)
@@ -405,6 +484,28 @@ class Ingest:
             fields.update(sop_instance_uid=tags.sop_instance_uid, patient_id=tags.patient_id)
         level = logging.WARNING if outcome.action in ("duplicate_kept_first", "duplicate_replaced") else logging.DEBUG
         log.log(level, "instance received", extra=kv(**fields))
+        return outcome
+
+    def adopt(self, relpath: str, peer: Peer) -> Outcome:
+        """Index an object already in storage (start-up reconciliation), after the same checks
+        as a received one. Raises Refused (with the reason) if it is not a complete instance."""
+        path = self.storage.path(relpath)
+        data = path.read_bytes()
+        head_len = _part10_head_length(data)
+        head, dataset = data[:head_len], data[head_len:]
+        try:
+            ts_uid = str(dcmread(BytesIO(head), stop_before_pixels=True).file_meta.TransferSyntaxUID)
+        except Exception as exc:
+            raise Refused(CANNOT_UNDERSTAND, "File Meta cannot be read", "unparsable", type(exc).__name__) from exc
+        walked = check_encoding(dataset, ts_uid)
+        tags = parse_tags(head, dataset)
+        check_pixels(walked, ts_uid, tags)
+        sha = hashlib.sha256(data).hexdigest()
+        done: Future[StoredObject] = Future()
+        done.set_result(StoredObject(relpath=relpath, sha256=sha, size=len(data)))
+        outcome, drop = self._index(tags, relpath, sha, len(data), ts_uid, peer, done)
+        if drop:  # an identical copy is indexed already
+            self.storage.remove(drop)
         return outcome
 
     def record_rejection(
@@ -714,9 +815,9 @@ def record_rejection(
             stage=stage,
             reason=reason,
             status=f"0x{status:04X}" if status is not None else "-",
-            detail=detail,
-            calling_ae=peer.calling_ae if peer else "-",
-            remote_ip=peer.remote_ip if peer else "-",
+            detail=printable(detail),
+            calling_ae=printable(peer.calling_ae) if peer else "-",
+            remote_ip=printable(peer.remote_ip) if peer else "-",
         ),
     )
 

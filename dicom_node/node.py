@@ -22,6 +22,7 @@ from dicom_node.db import init_db, make_engine
 from dicom_node.ingest import Ingest
 from dicom_node.logs import kv, setup_logging
 from dicom_node.metrics import observe_completion
+from dicom_node.reconcile import reconcile
 from dicom_node.scp import ActiveAssociations, Listener
 from dicom_node.storage import Storage
 
@@ -82,13 +83,13 @@ class Node:
 
     def start(self) -> None:
         init_db(self.settings.database.url)
-        storage = Storage(self.settings.storage.path, self.settings.storage.min_free_bytes)
-        swept = storage.sweep_temp()  # before any writer starts: only this process sweeps
-        if swept:
-            log.warning("removed temp files of interrupted writes", extra=kv(count=swept))
+        # Before any writer starts (only this process does it): temp files swept, objects left
+        # without an index row by a crash indexed or quarantined.
+        ingest = make_ingest(self.settings, self.engine)
+        reconcile(ingest)
         n = self.settings.node.listeners
         if n == 1:
-            self.listener = Listener(self.settings, make_ingest(self.settings, self.engine))
+            self.listener = Listener(self.settings, ingest)
             self.listener.start()
         else:
             for slot in range(n):

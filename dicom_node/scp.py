@@ -35,17 +35,23 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import Verification, register_uid, uid_to_service_class
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.config import Settings
 from dicom_node.ingest import (
+    MALFORMED_UID,
+    MISSING_UID,
+    OUT_OF_RESOURCES,
     PROCESSING_FAILURE,
     SOP_CLASS_NOT_SUPPORTED,
+    UID_RE,
     Ingest,
     Peer,
     Refused,
+    printable,
     record_rejection,
     short_ae,
 )
@@ -175,7 +181,7 @@ class ActiveAssociations:
 
 
 class _AssocStats:
-    __slots__ = ("peer", "started", "stored", "refused", "bytes")
+    __slots__ = ("peer", "started", "stored", "refused", "bytes", "handler_s", "write_s", "fsync_s", "index_s")
 
     def __init__(self, peer: Peer) -> None:
         self.peer = peer
@@ -183,6 +189,10 @@ class _AssocStats:
         self.stored = 0
         self.refused = 0
         self.bytes = 0
+        self.handler_s = 0.0  # in our C-STORE handler; the rest of the association is transport
+        self.write_s = 0.0
+        self.fsync_s = 0.0
+        self.index_s = 0.0
 
 
 class Listener:
@@ -204,6 +214,8 @@ class Listener:
         self._threads: list[threading.Thread] = []
         self._stats: dict[int, _AssocStats] = {}
         self._stats_lock = threading.Lock()
+        self._arriving: dict[int, int] = {}  # association -> data set bytes of the message arriving
+        self._abort_bytes = settings.node.max_instance_bytes + OVERSIZE_MARGIN
         self.ae = self._build_ae()
         self.policy = AccessPolicy(settings, self._on_policy_reject)
         node = settings.node
@@ -227,8 +239,9 @@ class Listener:
         # records why it refused).
         ae.require_called_aet = False
         ae.require_calling_aet = []
-        # The A-ASSOCIATE-RQ deadline is the guard's; these bound the rest of the association.
-        ae.acse_timeout = node.associate_timeout_seconds
+        # The A-ASSOCIATE-RQ deadline is the guard's (exact, enforced on the socket); pynetdicom's
+        # ARTIM/ACSE timer is only a backstop, with room for a loaded machine.
+        ae.acse_timeout = node.associate_timeout_seconds + node.pdu_timeout_seconds
         ae.network_timeout = node.pdu_timeout_seconds
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
         for uid in storage_sop_classes():
@@ -242,6 +255,8 @@ class Listener:
             (evt.EVT_ESTABLISHED, self._on_established),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_CONN_CLOSE, self._on_close),
+            (evt.EVT_DIMSE_RECV, self._on_dimse_recv),
+            (evt.EVT_DATA_RECV, self._on_data_recv),
         ]
 
     def _make_server(self, port: int, ssl_context: ssl.SSLContext | None) -> GatewayServer:
@@ -363,25 +378,115 @@ class Listener:
                 peer=peer,
                 sop_class_uid=str(cx.abstract_syntax),
             )
-        log.info("association established", extra=kv(calling_ae=peer.calling_ae, remote_ip=peer.remote_ip))
+        log.info("association established", extra=kv(calling_ae=printable(peer.calling_ae), remote_ip=peer.remote_ip))
 
     def _on_close(self, event: Any) -> None:
         key = id(event.assoc)
         self.active.discard(key)
+        self._arriving.pop(key, None)
         with self._stats_lock:
             stats = self._stats.pop(key, None)
         if stats is not None:
             log.info(
                 "association closed",
                 extra=kv(
-                    calling_ae=stats.peer.calling_ae,
+                    calling_ae=printable(stats.peer.calling_ae),
                     remote_ip=stats.peer.remote_ip,
                     stored=stats.stored,
                     refused=stats.refused,
                     bytes=stats.bytes,
                     seconds=round(time.monotonic() - stats.started, 3),
+                    handler_s=round(stats.handler_s, 4),
+                    write_s=round(stats.write_s, 4),
+                    fsync_s=round(stats.fsync_s, 4),
+                    index_s=round(stats.index_s, 4),
                 ),
             )
+
+    def _on_data_recv(self, event: Any) -> None:
+        """Count each C-STORE data set's bytes as its P-DATA PDUs arrive (PS3.8 9.3.5: PDV items of
+        4-byte length, context ID, control header) and abort the association once one runs
+        OVERSIZE_MARGIN past max_instance_bytes: pynetdicom assembles a data set in memory, so
+        without this a peer decides how much we hold. Just over the cap it still gets 0xA700."""
+        data = event.data
+        if not data or data[0] != 0x04:
+            return
+        key = id(event.assoc)
+        count = self._arriving.get(key, 0)
+        at, end = 6, len(data)
+        while at + 6 <= end:
+            length = int.from_bytes(data[at : at + 4], "big")
+            control = data[at + 5]
+            if control & 1:  # command fragment: a new message starts
+                count = 0
+            else:
+                count += max(length - 2, 0)
+                if control & 2:  # last fragment of the data set
+                    count = 0 if count <= self._abort_bytes else count
+            at += 4 + length
+        self._arriving[key] = count
+        if count > self._abort_bytes:
+            self._arriving[key] = 0
+            record_rejection(
+                self.ingest.engine,
+                stage="store",
+                reason="too_large",
+                detail=f"data set passed {count} B while arriving (cap {self.ingest.max_instance_bytes} B)",
+                status=OUT_OF_RESOURCES,
+                peer=self._peer(event.assoc),
+            )
+            sock = getattr(event.assoc.dul.socket, "socket", None)
+            if hasattr(sock, "abort_now"):
+                sock.abort_now()
+
+    def _on_dimse_recv(self, event: Any) -> None:
+        """Answer a C-STORE-RQ that pynetdicom would drop without a response.
+
+        pynetdicom ignores a request whose command set fails its checks (empty or over-long
+        Affected SOP Instance/Class UID: `is_valid_request` false) and the sender waits until it
+        times out. Here (the DUL thread, before the request is queued) such a request gets a
+        C-STORE-RSP with 0xC001/0xC002 and an Error Comment, and a rejection-log row.
+        """
+        message = event.message
+        command = message.command_set
+        if command is None or command.get("CommandField") != 0x0001:
+            return
+        problem, bad = _command_problem(command)
+        if problem is None:
+            try:
+                if message.message_to_primitive().is_valid_request:
+                    return
+            except Exception:  # pynetdicom aborts on these (Evt19): nothing we can answer in time
+                return
+            problem = "C-STORE request command set is not valid"
+        # Drop the bad values from the message before pynetdicom converts it: it then sees an
+        # incomplete request and skips it quietly, instead of aborting the association (and
+        # logging the raw received value).
+        for keyword in bad:
+            del command[keyword]
+        code = MISSING_UID if "missing" in problem else MALFORMED_UID
+        peer = self._peer(event.assoc)
+        record_rejection(
+            self.ingest.engine,
+            stage="store",
+            reason="invalid_command",
+            detail=problem,
+            status=code,
+            peer=peer,
+            sop_class_uid=_uid_or_empty(command.get("AffectedSOPClassUID")),
+        )
+        rsp = C_STORE()
+        try:
+            rsp.MessageIDBeingRespondedTo = int(command.get("MessageID") or 0)
+        except (TypeError, ValueError):
+            rsp.MessageIDBeingRespondedTo = 0
+        for keyword in ("AffectedSOPClassUID", "AffectedSOPInstanceUID"):
+            value = _uid_or_empty(command.get(keyword))
+            if value:
+                setattr(rsp, keyword, value)
+        rsp.Status = code
+        rsp.ErrorComment = problem[:64]
+        event.assoc.dimse.send_msg(rsp, message.context_id)
 
     def _on_echo(self, event: Any) -> int:
         return 0x0000
@@ -391,6 +496,7 @@ class Listener:
         stats = self._stats.get(id(assoc))
         peer = stats.peer if stats is not None else self._peer(assoc)
         request = event.request
+        t0 = time.perf_counter()
         try:
             sop_class = str(request.AffectedSOPClassUID or "")
             if not storable(sop_class, accept_private=self.settings.node.accept_private_sop_classes):
@@ -429,7 +535,7 @@ class Listener:
         except Exception as exc:
             if stats is not None:
                 stats.refused += 1
-            log.exception("C-STORE failed", extra=kv(calling_ae=peer.calling_ae))
+            log.exception("C-STORE failed", extra=kv(calling_ae=printable(peer.calling_ae)))
             record_rejection(
                 self.ingest.engine,
                 stage="store",
@@ -443,7 +549,16 @@ class Listener:
         if stats is not None:
             stats.stored += 1
             stats.bytes += outcome.size
+            stats.handler_s += time.perf_counter() - t0
+            stats.write_s += outcome.write_s
+            stats.fsync_s += outcome.fsync_s
+            stats.index_s += outcome.index_s
         return outcome.status
+
+
+# Bytes past max_instance_bytes at which an arriving data set ends its association (A-ABORT);
+# below it the instance is buffered (bounded) and refused with 0xA700 once complete.
+OVERSIZE_MARGIN = 16 * 1024 * 1024
 
 
 def configure_dicom_libraries(*, accept_private: bool = False) -> None:
@@ -465,6 +580,42 @@ def configure_dicom_libraries(*, accept_private: bool = False) -> None:
         if uid_to_service_class(uid) is not StorageServiceClass:
             register_uid(uid, storage_keyword(uid), StorageServiceClass)
     pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+
+
+def _raw_uid(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("ascii", "replace")
+    return "" if value is None else str(value)
+
+
+def _uid_or_empty(value: Any) -> str:
+    """The value if it is a well-formed UID (PS3.5 9.1), else ""."""
+    uid = _raw_uid(value).rstrip("\x00 ")
+    return uid if uid and len(uid) <= 64 and UID_RE.match(uid) else ""
+
+
+def _command_problem(command: Dataset) -> tuple[str | None, list[str]]:
+    """A sentence naming the first bad UID of a C-STORE-RQ command set (None if both are fine),
+    and the keywords of the present but bad elements."""
+    problem: str | None = None
+    bad: list[str] = []
+    for keyword, name in (
+        ("AffectedSOPClassUID", "Affected SOP Class UID"),
+        ("AffectedSOPInstanceUID", "Affected SOP Instance UID"),
+    ):
+        raw = _raw_uid(command.get(keyword)).rstrip("\x00 ")
+        if not raw:
+            this = f"{name} missing"
+        elif len(raw) > 64:
+            this = f"{name} longer than 64 characters"
+        elif not UID_RE.match(raw):
+            this = f"{name} is not a valid UID"
+        else:
+            continue
+        problem = problem or this
+        if keyword in command:
+            bad.append(keyword)
+    return problem, bad
 
 
 def _status(code: int, comment: str) -> Dataset:

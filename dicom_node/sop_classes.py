@@ -45,6 +45,12 @@ def is_storage_sop_class(uid: str) -> bool:
     return uid in _storage()
 
 
+def is_image_storage(uid: str) -> bool:
+    """A "... Image Storage" class: its IODs require Rows, Columns and pixel data (PS3.3 C.7.6.3)."""
+    entry = UID_dictionary.get(uid)
+    return bool(entry) and "Image Storage" in entry[0]
+
+
 def is_private_sop_class(uid: str) -> bool:
     """A UID outside the DICOM root and outside PS3.6 (PS3.5 9.1)."""
     return not uid.startswith(STANDARD_ROOT) and uid not in UID_dictionary

@@ -18,7 +18,9 @@ import hashlib
 import os
 import re
 import shutil
+import signal
 import threading
+import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -34,6 +36,8 @@ class StoredObject:
     relpath: str  # "objects/ab/cd/<uuid hex>.dcm", relative to the storage root
     sha256: str
     size: int
+    write_s: float = 0.0  # seconds in write() calls (hash included)
+    fsync_s: float = 0.0  # seconds in the file fsync, rename and directory fsync
 
 
 _ALLOCATED = re.compile(r"objects/[0-9a-f]{2}/[0-9a-f]{2}/[0-9a-f]{32}\.dcm")
@@ -60,6 +64,7 @@ class Storage:
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self.objects_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._crash_at = os.environ.get("UNIMEDVL_CRASH_AT")
         self._shard: Path | None = None
         self._shard_left = 0
         self._ensure_top_level()
@@ -157,6 +162,7 @@ class Storage:
         size = 0
         try:
             # Raw fd writes: no buffered-file layer copying 512 KiB slices once more.
+            t0 = time.perf_counter()
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
             try:
                 for chunk in chunks:
@@ -165,7 +171,8 @@ class Storage:
                     while view:
                         view = view[os.write(fd, view) :]
                     size += len(chunk)
-                os.fsync(fd)
+                t1 = time.perf_counter()
+                os.fdatasync(fd)  # data and size; other metadata (times) need not be durable
             finally:
                 os.close(fd)
             if final_dir is None:
@@ -173,10 +180,57 @@ class Storage:
             final = final_dir / f"{name}.dcm"
             os.replace(tmp, final)
             _fsync_dir(final_dir)
+            t2 = time.perf_counter()
+            self.crash_point("after_rename")
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        return StoredObject(relpath=final.relative_to(self.root).as_posix(), sha256=digest.hexdigest(), size=size)
+        return StoredObject(
+            relpath=final.relative_to(self.root).as_posix(),
+            sha256=digest.hexdigest(),
+            size=size,
+            write_s=t1 - t0,
+            fsync_s=t2 - t1,
+        )
+
+    # ------------------------------------------------------------------ reconciliation
+
+    def objects_since(self, since: float | None) -> list[str]:
+        """Relpaths of stored objects in shard directories modified at or after `since` (epoch s).
+
+        A directory's mtime moves when an object is renamed into it, so with `since` = the last
+        reconciliation (minus a margin) only the shards written since then are listed.
+        """
+        found: list[str] = []
+        for top in sorted(self.objects_dir.iterdir()):
+            if not top.is_dir():
+                continue
+            for shard in sorted(top.iterdir()):
+                if not shard.is_dir() or (since is not None and shard.stat().st_mtime < since):
+                    continue
+                for p in shard.iterdir():
+                    rel = p.relative_to(self.root).as_posix()
+                    if _ALLOCATED.fullmatch(rel):
+                        found.append(rel)
+        return found
+
+    def quarantine(self, relpath: str, reason: str) -> Path:
+        """Move an object out of `objects/` into `quarantine/` with a `.reason` file beside it."""
+        src = self.path(relpath)
+        qdir = self.root / "quarantine"
+        qdir.mkdir(exist_ok=True)
+        dst = qdir / src.name
+        (qdir / f"{src.name}.reason").write_text(reason + "\n")
+        os.replace(src, dst)
+        _fsync_dir(qdir)
+        _fsync_dir(src.parent)
+        return dst
+
+    def crash_point(self, name: str) -> None:
+        """Fault injection for crash tests: SIGKILL this process at `name` when
+        UNIMEDVL_CRASH_AT names it (never set in production)."""
+        if self._crash_at == name:
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def remove(self, relpath: str) -> None:
         self.path(relpath).unlink(missing_ok=True)

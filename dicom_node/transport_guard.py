@@ -199,6 +199,20 @@ class _Guarded:
         st.associated = True
         st.deadline = None
 
+    def abort_now(self) -> None:
+        """Refuse from outside the read path (e.g. an instance growing past its cap): A-ABORT,
+        free the slot; pynetdicom's next read sees the end of the stream."""
+        st = self._guard_state
+        if st is None or st.dead:
+            return
+        st.dead = True
+        self._send_quietly(ABORT_INVALID_PARAMETER)
+        try:
+            socket.socket.shutdown(self, socket.SHUT_RDWR)  # type: ignore[arg-type]
+        except OSError:
+            pass
+        st.guard.released(st)
+
     def _refuse(self, st: _GuardState, pdu: bytes, reason: str, detail: str) -> None:
         self._send_quietly(pdu)
         st.guard.report(reason, detail, st.remote_ip)

@@ -65,6 +65,17 @@ FAULTS: dict[str, tuple[Callable[[Any], None], str]] = {
 }
 
 
+def _damage_stored(settings: Any, engine: Any, sop_instance_uid: str, fault: Callable[[Any], None]) -> None:
+    from dicom_node.models import Instance
+
+    with Session(engine) as s:
+        relpath = s.exec(select(Instance.relpath).where(Instance.sop_instance_uid == sop_instance_uid)).one()
+    path = Storage(settings.storage.path, 0).path(relpath)
+    ds = dcmread(path)
+    fault(ds)
+    ds.save_as(path, enforce_file_format=True)
+
+
 def _study_with_broken_series(folder: Path, fault: Callable[[Any], None]) -> list[Path]:
     good = ct_study(folder / "good", slices=3)
     study_uid = dcmread(good[0], stop_before_pixels=True).StudyInstanceUID
@@ -130,7 +141,14 @@ def test_a_broken_series_fails_alone_named_and_is_retried_alone(
 ) -> None:
     settings, engine = env
     breaker, words = FAULTS[fault]
-    ingest(settings, _study_with_broken_series(tmp_path / "study", breaker))
+    if fault == "truncated":
+        # The node refuses such an instance at the door (0xA900, issue 15): it reaches a job only
+        # as a stored file damaged afterwards. Store it whole, then cut its pixel data on disk.
+        paths = _study_with_broken_series(tmp_path / "study", lambda ds: None)
+        ingest(settings, paths)
+        _damage_stored(settings, engine, dcmread(paths[-2], stop_before_pixels=True).SOPInstanceUID, breaker)
+    else:
+        ingest(settings, _study_with_broken_series(tmp_path / "study", breaker))
     (event,) = complete_all(engine, settings)
     planner = Planner(engine, parse_rules(RULES), publisher=None)
     plan = planner.plan_revision(event.study_instance_uid, event.revision)

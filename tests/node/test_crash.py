@@ -14,7 +14,7 @@ import pytest
 from sqlmodel import Session, select
 
 from dicom_node.db import make_engine
-from dicom_node.models import Instance, Study
+from dicom_node.models import Instance, Rejection, Study
 from tests.conftest import free_port, require_tool
 from tests.node.conftest import associate, make_ct, node_sections, write_config
 
@@ -101,3 +101,57 @@ def test_sigkill_loses_nothing_acknowledged(db_url: str, tmp_path: Path, node_pr
     finally:
         engine.dispose()
     assert node.stop() == 0  # clean shutdown on SIGTERM
+
+
+def test_crash_between_rename_and_index_commit_is_reconciled(
+    db_url: str, tmp_path: Path, node_process: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGKILL exactly after the object's rename, before its row commits; the restart indexes it,
+    quarantines a broken object with a reason and removes a stray temp file."""
+    port = free_port()
+    cfg = write_config(tmp_path / "unimedvl.toml", **node_sections(tmp_path, db_url, port=port))
+    ds = make_ct(size=16)
+    monkeypatch.setenv("UNIMEDVL_CRASH_AT", "after_rename")
+    node = node_process(cfg, port)
+    assoc = associate(port)
+    try:
+        status = assoc.send_c_store(ds)
+    except Exception:
+        status = None
+    assert getattr(status, "Status", None) != 0x0000  # never acknowledged
+    assert node.proc is not None and node.proc.wait(20) != 0  # killed in the window
+    node.kill()
+    root = tmp_path / "storage"
+    objects = [p for p in (root / "objects").rglob("*.dcm")]
+    assert len(objects) == 1  # the renamed object, without a row
+    engine = make_engine(db_url)
+    with Session(engine) as s:
+        assert s.exec(select(Instance)).all() == []
+    # What else a crash can leave: a broken object and a temp file.
+    broken = objects[0].parent / ("f" * 32 + ".dcm")
+    broken.write_bytes(objects[0].read_bytes()[:300])
+    (root / "tmp" / "leftover.tmp").write_bytes(b"partial")
+
+    monkeypatch.delenv("UNIMEDVL_CRASH_AT")
+    node = node_process(cfg, port)
+    with Session(engine) as s:
+        rows = s.exec(select(Instance)).all()
+        assert [r.sop_instance_uid for r in rows] == [ds.SOPInstanceUID]
+        assert (root / rows[0].relpath) == objects[0]
+        rejections = s.exec(select(Rejection).where(Rejection.stage == "reconcile")).all()
+        assert len(rejections) == 1 and rejections[0].reason == "incomplete"
+    assert not broken.exists()
+    assert (root / "quarantine" / broken.name).exists()
+    assert "incomplete" in (root / "quarantine" / f"{broken.name}.reason").read_text()
+    assert list((root / "tmp").iterdir()) == []
+    # The sender's retry is then an identical duplicate: acknowledged, one row, one file.
+    assoc = associate(port)
+    try:
+        assert assoc.send_c_store(ds).Status == 0x0000
+    finally:
+        assoc.release()
+    with Session(engine) as s:
+        assert len(s.exec(select(Instance)).all()) == 1
+    assert len([p for p in (root / "objects").rglob("*.dcm")]) == 1
+    node.stop()
+    engine.dispose()

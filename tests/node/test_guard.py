@@ -167,6 +167,9 @@ def test_slow_peers_lose_their_slot(behaviour: str, make_settings: Any, start_no
     reasons = _reasons(node, 3)
     assert reasons.count("associate_timeout") == 2 and "too_many_connections" in reasons
     # The slots are free again for a real modality.
+    deadline = time.monotonic() + 5
+    while node.listener.guard.connections("127.0.0.1") and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert store(node.port, [make_ct()])[0].Status == 0
 
 
@@ -182,3 +185,35 @@ def test_policy_refusal_happens_on_the_raw_request(make_settings: Any, start_nod
         sock.settimeout(5)
         assert sock.recv(1) == b"\x02"  # A-ASSOCIATE-AC
     assert _reasons(node, 1)[0] == "called_ae_mismatch"
+
+
+def test_oversized_instance_is_cut_off_while_it_arrives(make_settings: Any, start_node: Any, tmp_path: Path) -> None:
+    """A data set streaming far past max_instance_bytes ends its association (A-ABORT) once it is
+    OVERSIZE_MARGIN over, long before it is complete: memory does not follow what the peer sends."""
+    from pydicom.uid import CTImageStorage, generate_uid
+
+    from dicom_node.scp import OVERSIZE_MARGIN
+    from tests.node.raw_dimse import RawAssociation, p_data, store_command
+
+    node = start_node(
+        make_settings(f"sqlite:///{tmp_path / 'i.db'}", node={"max_instance_bytes": 1 << 20}), completion=False
+    )
+    assert store(node.port, [make_ct()])[0].Status == 0  # warm
+    before = _rss_bytes()
+    assoc = RawAssociation(node.port, CTImageStorage)
+    chunk = p_data(b"\0" * (256 * 1024), command=False, last=False)
+    sent = 0
+    try:
+        assoc.sock.sendall(p_data(store_command(CTImageStorage, generate_uid()), command=True))
+        while sent < 20 * OVERSIZE_MARGIN:  # the peer would send 320 MiB
+            assoc.sock.sendall(chunk)
+            sent += len(chunk)
+        pytest.fail("the node kept reading an instance far over its cap")
+    except OSError:
+        pass
+    finally:
+        assoc.sock.close()
+    assert sent < 4 * OVERSIZE_MARGIN
+    assert _rss_bytes() - before < 3 * OVERSIZE_MARGIN
+    assert "too_large" in _reasons(node, 1)
+    assert store(node.port, [make_ct()])[0].Status == 0
