@@ -1,20 +1,22 @@
-"""Status API: /healthz, /metrics, /api/studies, /api/rejections, /api/duplicates and a small page.
+"""Status API and console app: /healthz, /readyz, /metrics (open); /api/* and the console pages
+behind a login (see dicom_node.console.guard).
 
-Patient identifiers are not served (studies are shown by accession number, date and UIDs).
+Patient identifiers are not served by the JSON API (studies are shown by accession number, date
+and UIDs); the console shows them to roles in `console.phi_roles` only.
 """
 
 from __future__ import annotations
 
-import html
 import logging
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from sqlalchemy import desc, func, select, text
+from sqlalchemy import desc, func, select
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
@@ -22,7 +24,6 @@ from dicom_node.config import Settings
 from dicom_node.db import make_engine
 from dicom_node.metrics import IndexCollector, app_registry, render
 from dicom_node.models import DuplicateEvent, Instance, Rejection, Series, Study, StudyRevision
-from dicom_node.storage import Storage
 
 log = logging.getLogger("dicom_node.api")
 
@@ -31,19 +32,35 @@ def _iso(dt: datetime | None) -> str | None:
     return dt.isoformat() if dt else None
 
 
-def study_summaries(engine: Engine, *, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+def study_summaries(
+    engine: Engine,
+    *,
+    limit: int = 100,
+    offset: int = 0,
+    date: str | None = None,
+    modality: str | None = None,
+    accession: str | None = None,
+    ids: list[int] | None = None,
+) -> list[dict[str, Any]]:
+    """Newest first; filters: StudyDate (YYYYMMDD, or a prefix such as YYYYMM), a modality of any
+    series, accession number (substring), study ids."""
+    query = select(Study, StudyRevision).join(
+        StudyRevision,
+        (StudyRevision.study_pk == Study.id) & (StudyRevision.revision == Study.current_revision),
+        isouter=True,
+    )
+    if date:
+        query = query.where(Study.study_date.startswith(date.replace("-", "")))  # type: ignore[union-attr]
+    if accession:
+        query = query.where(Study.accession_number.contains(accession))  # type: ignore[union-attr]
+    if modality:
+        query = query.where(
+            Study.id.in_(select(Series.study_pk).where(func.upper(Series.modality) == modality.strip().upper()))  # type: ignore[union-attr]
+        )
+    if ids is not None:
+        query = query.where(Study.id.in_(ids))  # type: ignore[union-attr]
     with Session(engine) as s:
-        rows = s.execute(
-            select(Study, StudyRevision)
-            .join(
-                StudyRevision,
-                (StudyRevision.study_pk == Study.id) & (StudyRevision.revision == Study.current_revision),
-                isouter=True,
-            )
-            .order_by(desc(Study.last_received_at), desc(Study.id))
-            .limit(limit)
-            .offset(offset)
-        ).all()
+        rows = s.execute(query.order_by(desc(Study.last_received_at), desc(Study.id)).limit(limit).offset(offset)).all()
         ids = [st.id for st, _ in rows]
         series_counts = (
             dict(
@@ -72,6 +89,7 @@ def _study_dict(st: Study, rev: StudyRevision | None, n_series: int, modalities:
         "study_instance_uid": st.study_instance_uid,
         "accession_number": st.accession_number,
         "study_date": st.study_date,
+        "study_description": st.study_description,
         "modalities": modalities,
         "series_count": n_series,
         "instance_count": st.instance_count,
@@ -220,57 +238,81 @@ def create_app(
     *,
     engine: Engine | None = None,
     active_associations: Callable[[], int] | None = None,
+    publisher: Any = None,
 ) -> FastAPI:
+    """The whole HTTP app: open health/metrics, the JSON API (jobs, outbox, index) and the console,
+    all but /healthz, /readyz, /metrics and /login behind `dicom_node.console.guard.guard`.
+    `publisher` (a jobs Publisher) publishes retried jobs at once; without it the sweeper does."""
+    from dicom_node.console.guard import guard
+    from dicom_node.console.health import ReadinessChecker, ReadinessCollector, SafeCollector
+    from dicom_node.console.pages import console_router
+    from dicom_node.export.api import router as outbox_router
+    from dicom_node.export.metrics import OutboxCollector
+    from dicom_node.jobs import job_settings
+    from dicom_node.jobs.api import jobs_router
+
     write_engine = engine if engine is not None else make_engine(settings.database.url)
     # Status reads must not take SQLite's write lock (see dicom_node.db): readonly engine view.
     engine = write_engine.execution_options(readonly=True)
-    app = FastAPI(title="UniMedVL gateway", version="0.1.0")
+    # The guard is an app-wide dependency: routers included later (by anyone) are covered too.
+    # No /docs, /redoc, /openapi.json: they are plain Starlette routes the guard would not cover.
+    app = FastAPI(
+        title="UniMedVL gateway",
+        version="0.1.0",
+        dependencies=[Depends(guard)],
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
     app.state.engine = write_engine
+    app.state.read_engine = engine
     app.state.settings = settings
-    collectors: list[Any] = [IndexCollector(engine, active_associations)]
-    storage_root = settings.storage.path
-
-    try:  # the outbox routes, when the export package is present
-        from dicom_node.export.api import router as outbox_router
-        from dicom_node.export.metrics import OutboxCollector
-
-        app.include_router(outbox_router)
-        collectors.append(OutboxCollector(engine))
-    except ImportError:  # pragma: no cover
-        log.info("outbox API not available")
-
+    readiness = ReadinessChecker(settings, engine)
+    app.state.readiness = readiness
     from dicom_node.jobs.metrics import JobCollector
 
-    collectors.append(JobCollector(engine))
-    registry = app_registry(*collectors)
+    registry = app_registry(
+        SafeCollector(IndexCollector(engine, active_associations)),
+        SafeCollector(OutboxCollector(engine)),
+        SafeCollector(JobCollector(engine)),
+        ReadinessCollector(readiness),
+    )
     app.state.metrics_registry = registry
+    try:
+        job_cfg: Any = job_settings(settings)
+    except Exception:
+        job_cfg = None  # the service refuses a bad [jobs] table before the API starts
+    app.include_router(outbox_router)
+    app.include_router(jobs_router(write_engine, publisher, job_cfg))
+    app.include_router(console_router(publisher, job_cfg))
+
+    @app.exception_handler(HTTPException)
+    async def _errors(request: Request, exc: HTTPException) -> Response:
+        # Pages get a readable HTML sentence; the API (and redirects) keep FastAPI's JSON.
+        if (
+            request.url.path.startswith("/api/")
+            or exc.status_code < 400
+            or "text/html" not in request.headers.get("accept", "")
+        ):
+            return await http_exception_handler(request, exc)
+        body = (
+            f"<!doctype html><meta charset='utf-8'><title>{exc.status_code}</title><h1>{exc.status_code}</h1>"
+            f"<p id='error'>{_escape(str(exc.detail))}</p><p><a href='/'>back to the dashboard</a></p>"
+        )
+        return HTMLResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     @app.get("/healthz")
     def healthz() -> JSONResponse:
-        checks: dict[str, Any] = {}
-        ok = True
-        try:
-            with engine.connect() as conn:
-                conn.execute(text("SELECT 1"))
-            checks["database"] = "ok"
-        except Exception as exc:
-            ok = False
-            checks["database"] = f"error: {type(exc).__name__}"
-        try:
-            st = Storage(storage_root, settings.storage.min_free_bytes)
-            free = st.free_bytes()
-            checks["storage_free_bytes"] = free
-            if free < settings.storage.min_free_bytes:
-                ok = False
-                checks["storage"] = "below min_free_bytes: C-STOREs are refused (0xA700)"
-            else:
-                checks["storage"] = "ok"
-        except Exception as exc:
-            ok = False
-            checks["storage"] = f"error: {type(exc).__name__}"
+        """Liveness: the process answers. Readiness (dependencies, backlog) is /readyz."""
+        out: dict[str, Any] = {"status": "ok"}
         if active_associations is not None:
-            checks["active_associations"] = active_associations()
-        return JSONResponse({"status": "ok" if ok else "degraded", **checks}, status_code=200 if ok else 503)
+            out["active_associations"] = active_associations()
+        return JSONResponse(out)
+
+    @app.get("/readyz")
+    def readyz() -> JSONResponse:
+        r = readiness.check()
+        return JSONResponse(r.as_dict(), status_code=200 if r.ok else 503)
 
     @app.get("/metrics")
     def metrics() -> Response:
@@ -281,8 +323,14 @@ def create_app(
         return {"counts": counts(engine), "ae_title": settings.node.ae_title, "port": settings.node.port}
 
     @app.get("/api/studies")
-    def studies(limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)) -> list[dict[str, Any]]:
-        return study_summaries(engine, limit=limit, offset=offset)
+    def studies(
+        limit: int = Query(100, ge=1, le=1000),
+        offset: int = Query(0, ge=0),
+        date: str | None = Query(None, description="StudyDate YYYYMMDD or a prefix"),
+        modality: str | None = None,
+        accession: str | None = None,
+    ) -> list[dict[str, Any]]:
+        return study_summaries(engine, limit=limit, offset=offset, date=date, modality=modality, accession=accession)
 
     @app.get("/api/studies/{study_id}")
     def study(study_id: int) -> dict[str, Any]:
@@ -299,37 +347,14 @@ def create_app(
     def duplicates(limit: int = Query(50, ge=1, le=1000)) -> dict[str, Any]:
         return duplicate_list(engine, limit)
 
-    @app.get("/", response_class=HTMLResponse)
-    def index(request: Request) -> str:
-        return _page(counts(engine), study_summaries(engine, limit=50), rejection_list(engine, 10))
+    @app.get("/api/readyz")
+    def ready_detail() -> dict[str, Any]:
+        return readiness.check().as_dict()
 
     return app
 
 
-def _page(c: dict[str, Any], studies: list[dict[str, Any]], rejections: list[dict[str, Any]]) -> str:
-    e = html.escape
-    rows = "".join(
-        f"<tr><td><a href='/api/studies/{s['id']}'>{s['id']}</a></td><td>{e(str(s['accession_number'] or ''))}</td>"
-        f"<td>{e(str(s['study_date'] or ''))}</td><td>{e(','.join(s['modalities']))}</td>"
-        f"<td>{s['series_count']}</td><td>{s['instance_count']}</td><td>{s['revision']}</td>"
-        f"<td>{e(str(s['state']))}</td><td>{e(str(s['last_received_at']))}</td></tr>"
-        for s in studies
-    )
-    rej = "".join(
-        f"<tr><td>{e(str(r['at']))}</td><td>{e(r['stage'])}</td><td>{e(r['reason'])}</td>"
-        f"<td>{e(str(r['status'] or ''))}</td><td>{e(str(r['calling_ae'] or ''))}</td>"
-        f"<td>{e(str(r['remote_ip'] or ''))}</td><td>{e(r['detail'])}</td></tr>"
-        for r in rejections
-    )
-    summary = " · ".join(f"{e(k)}: {v}" for k, v in c.items())
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>UniMedVL gateway</title>
-<meta http-equiv="refresh" content="10">
-<style>body{{font-family:sans-serif;margin:1.5em}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:2px 6px;font-size:90%}}</style></head><body>
-<h1>UniMedVL gateway</h1><p>{summary}</p>
-<p><a href="/metrics">metrics</a> · <a href="/api/studies">studies (JSON)</a> ·
-<a href="/api/rejections">rejections</a> · <a href="/api/duplicates">duplicates</a> · <a href="/healthz">health</a></p>
-<h2>Recent studies</h2><table><tr><th>id</th><th>accession</th><th>date</th><th>modalities</th><th>series</th>
-<th>instances</th><th>revision</th><th>state</th><th>last received</th></tr>{rows}</table>
-<h2>Recent rejections</h2><table><tr><th>at</th><th>stage</th><th>reason</th><th>status</th><th>calling AE</th>
-<th>remote IP</th><th>detail</th></tr>{rej}</table></body></html>"""
+def _escape(text_: str) -> str:
+    import html
+
+    return html.escape(text_)

@@ -52,6 +52,10 @@ def _run_service(config: Path | None, *, api: bool, embedded_worker: bool) -> No
     log = logging.getLogger("dicom_node.cli")
     try:
         service = Service(settings, api=api, embedded_worker=embedded_worker)
+        if api:  # before the API answers, so a login is possible as soon as it does
+            from dicom_node.console.cli import announce_first_admin
+
+            announce_first_admin(settings, f"http://{settings.http.bind}")
         service.start()
     except Exception as exc:
         log.exception("gateway failed to start")
@@ -156,7 +160,7 @@ def _kv_table(title: str, data: dict[str, Any]) -> Any:
     from rich.table import Table
 
     t = Table(title=title)
-    t.add_column("what")
+    t.add_column("what", overflow="fold")
     t.add_column("count", justify="right")
     for k, v in data.items():
         t.add_row(k, str(v))
@@ -169,7 +173,7 @@ def _rows_table(title: str, cols: list[str], rows: list[dict[str, Any]]) -> Any:
 
     t = Table(title=title)
     for col in cols:
-        t.add_column(col)
+        t.add_column(col, overflow="fold")  # wrap long UIDs and messages instead of cutting them
     for r in rows:
         t.add_row(*(escape(str(r.get(col) if r.get(col) is not None else "")) for col in cols))
     return t
@@ -180,14 +184,13 @@ def _studies_table(rows: list[dict[str, Any]], title: str) -> Any:
         title,
         [
             "id",
+            "study_instance_uid",
             "accession_number",
             "study_date",
             "modalities",
-            "series_count",
             "instance_count",
             "revision",
             "state",
-            "completion_reason",
             "last_received_at",
         ],
         [{**r, "modalities": ",".join(r["modalities"])} for r in rows],
@@ -210,6 +213,7 @@ def demo(
 def timeline(
     study_instance_uid: str = typer.Argument(..., help="StudyInstanceUID"),
     config: Path | None = ConfigOption,
+    as_json: bool = typer.Option(False, "--json", help="print JSON (for scripts) instead of a tree"),
 ) -> None:
     """One study's timeline: received, complete, planned, jobs, outputs, delivered."""
     import json
@@ -227,7 +231,14 @@ def timeline(
     if data is None:
         typer.echo("no such study", err=True)
         raise typer.Exit(1)
-    typer.echo(json.dumps(data, indent=2))
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    from rich.console import Console
+
+    from dicom_node.console.tree import timeline_tree
+
+    Console().print(timeline_tree(data))
 
 
 @app.command()
@@ -276,6 +287,15 @@ def _register_jobs() -> None:
 
 
 _register_jobs()
+
+
+def _register_console() -> None:
+    from dicom_node.console.cli import register
+
+    register(app)  # `users`
+
+
+_register_console()
 
 
 def _register_eval() -> None:

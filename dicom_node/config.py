@@ -154,6 +154,23 @@ class ExportSettings(_Section):
     poll_seconds: float = Field(0.25, gt=0)
 
 
+class ConsoleSettings(_Section):
+    session_hours: float = Field(12.0, gt=0)  # a login lasts this long
+    cookie_secure: bool = False  # set when the console is served over HTTPS (a proxy terminating TLS)
+    allowed_origins: list[str] = []  # extra Origins accepted on POSTs (e.g. the proxy's https://host)
+    phi_roles: list[Literal["admin", "readonly"]] = ["admin"]  # roles that see patient name/ID (never in URLs or logs)
+    viewer_url: str = ""  # e.g. "https://pacs/ohif/viewer?StudyInstanceUIDs={study_uid}"
+    first_admin: str = "admin"  # the user `serve` creates, with a printed password, on an empty database
+
+
+class HealthSettings(_Section):
+    destination_failing_seconds: float = Field(60.0, gt=0)  # undelivered outputs with errors older than this
+    worker_silence_seconds: float = Field(300.0, gt=0)  # jobs waiting and no worker activity for this long
+    queued_age_seconds: float = Field(600.0, gt=0)  # the oldest planned/queued job older than this
+    failed_window_seconds: float = Field(3600.0, gt=0)  # failed jobs/deliveries in this window degrade /readyz
+    broker_timeout_seconds: float = Field(2.0, gt=0)
+
+
 class DestinationSettings(_Section):
     name: str = Field(min_length=1, max_length=64)
     kind: Literal["dimse", "dicomweb"]
@@ -193,6 +210,8 @@ class Settings(BaseSettings):
     model: ModelSettings = ModelSettings()
     completion: CompletionSettings = CompletionSettings()
     export: ExportSettings = ExportSettings()
+    console: ConsoleSettings = ConsoleSettings()
+    health: HealthSettings = HealthSettings()
     destinations: list[DestinationSettings] = []
     rules: list[dict[str, Any]] | None = None  # validated by dicom_node.routing; None = shipped defaults
     jobs: dict[str, Any] = {}  # validated by dicom_node.jobs (JobSettings)

@@ -71,6 +71,7 @@ def schema_metadata() -> MetaData:
     migrated database with.
     """
     import dicom_node.batch.models  # noqa: F401  (each import registers its tables)
+    import dicom_node.console.models  # noqa: F401
     import dicom_node.export.models  # noqa: F401
     import dicom_node.jobs.models  # noqa: F401
     import dicom_node.models  # noqa: F401

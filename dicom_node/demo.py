@@ -2,7 +2,7 @@
 
 It writes a small CT volume with a phantom lesion and a chest CR (one study, one synthetic
 patient), sends both over DICOM like a modality would, then follows the study's timeline in
-the status API until every job has finished and every output is delivered (or failed), and
+the index database (the same `--config`) until every job has finished and every output is delivered (or failed), and
 prints the objects produced. The series descriptions start with "UNIMEDVL DEMO", which the
 shipped `demo` routing rule matches to run every output type (SR, SEG + TID 1500, SC).
 """
@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pydicom
 from pynetdicom import AE, StoragePresentationContexts
 from rich.console import Console
@@ -68,16 +67,21 @@ def _finished(timeline: dict[str, Any]) -> bool:
     )
 
 
-def follow(api: str, study_uid: str, timeout: float, console: Console) -> dict[str, Any] | None:
-    """Poll the study's timeline until it is finished; None on timeout."""
+def follow(database_url: str, study_uid: str, timeout: float, console: Console) -> dict[str, Any] | None:
+    """Poll the study's timeline in the index until it is finished; None on timeout.
+
+    Read from the database rather than the HTTP API, which needs a login."""
+    from dicom_node.db import make_engine
+    from dicom_node.jobs.admin import study_timeline
+
     deadline = time.monotonic() + timeout
     last = ""
     timeline: dict[str, Any] | None = None
-    with httpx.Client(base_url=api, timeout=10) as client:
+    engine = make_engine(database_url).execution_options(readonly=True)
+    try:
         while time.monotonic() < deadline:
-            r = client.get(f"/api/studies/{study_uid}/timeline")
-            if r.status_code == 200:
-                timeline = r.json()
+            timeline = study_timeline(engine, study_uid)
+            if timeline is not None:
                 revs = timeline.get("revisions") or []
                 jobs = [j for rv in revs for j in rv.get("jobs", [])]
                 state = f"{revs[-1].get('state') if revs else 'receiving'}; jobs " + ", ".join(
@@ -89,6 +93,8 @@ def follow(api: str, study_uid: str, timeout: float, console: Console) -> dict[s
                 if _finished(timeline):
                     return timeline
             time.sleep(1.0)
+    finally:
+        engine.dispose()
     return None
 
 
@@ -146,7 +152,6 @@ def run_demo(settings: Settings, *, timeout: float = 900.0, keep: Path | None = 
     _say_unrequested(settings, console)
     host = "127.0.0.1" if settings.node.host in ("0.0.0.0", "::", "") else settings.node.host
     api_host = "127.0.0.1" if settings.http.host in ("0.0.0.0", "::", "") else settings.http.host
-    api = f"http://{api_host}:{settings.http.port}"
     with tempfile.TemporaryDirectory(prefix="unimedvl-demo-") as tmp:
         folder = keep or Path(tmp)
         study_uid, files = make_demo_study(folder)
@@ -158,10 +163,19 @@ def run_demo(settings: Settings, *, timeout: float = 900.0, keep: Path | None = 
     console.print(
         f"waiting for completion ({settings.completion.study_quiet_seconds:g} s quiet period), jobs and delivery"
     )
-    timeline = follow(api, study_uid, timeout, console)
+    timeline = follow(settings.database.url, study_uid, timeout, console)
     if timeline is None:
         console.print(f"[red]timed out after {timeout:g} s; see `unimedvl timeline {study_uid}`[/]")
         return 1
     failed = print_outputs(timeline, console)
     _say_unrequested(settings, console)  # again under the table, where the shortfall shows
+    from dicom_node.console.views import study_id_by_uid
+    from dicom_node.db import make_engine
+
+    engine = make_engine(settings.database.url)
+    try:
+        study_id = study_id_by_uid(engine, study_uid)
+    finally:
+        engine.dispose()
+    console.print(f"see it in the console: http://{api_host}:{settings.http.port}/studies/{study_id} (log in first)")
     return 1 if failed else 0

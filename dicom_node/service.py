@@ -53,11 +53,12 @@ class Service:
         import uvicorn
 
         from dicom_node.api import create_app
-        from dicom_node.jobs.api import jobs_router
 
-        app = create_app(self.settings, engine=self.node.engine, active_associations=self.node.active_associations)
-        app.include_router(
-            jobs_router(self.node.engine, Publisher(self.settings.broker.url), job_settings(self.settings))
+        app = create_app(
+            self.settings,
+            engine=self.node.engine,
+            active_associations=self.node.active_associations,
+            publisher=Publisher(self.settings.broker.url),
         )
         config = uvicorn.Config(
             app, host=self.settings.http.host, port=self.settings.http.port, log_level="warning", access_log=False

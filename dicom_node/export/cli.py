@@ -55,9 +55,9 @@ def print_outbox_status(engine: Engine, console: Console | None = None, *, last_
     console = console or Console()
     data = summary(engine, last_errors=last_errors)
     table = Table(title="Outbox (result objects to PACS)")
-    table.add_column("destination")
+    table.add_column("destination", overflow="fold")
     for state in (PENDING, SENDING, DONE, FAILED, SUPERSEDED):
-        table.add_column(state, justify="right")
+        table.add_column(state, justify="right", overflow="fold")  # wrap on narrow terminals, never cut
     for s in data:
         table.add_row(s.destination, *(str(s.counts.get(k, 0)) for k in (PENDING, SENDING, DONE, FAILED, SUPERSEDED)))
     if not data:

@@ -152,7 +152,16 @@ def jobs_status(engine: Engine, *, last_errors: int = 5) -> dict[str, Any]:
         return {
             "counts": counts,
             "outputs": outputs,
-            "last_errors": [{"id": j.id, "kind": j.kind, "attempts": j.attempts, "error": j.error} for j in failed],
+            "last_errors": [
+                {
+                    "id": j.id,
+                    "kind": j.kind,
+                    "attempts": j.attempts,
+                    "error": j.error,
+                    "study_instance_uid": j.study_instance_uid,
+                }
+                for j in failed
+            ],
             "unmatched": unmatched,
         }
 

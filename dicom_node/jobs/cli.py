@@ -40,16 +40,20 @@ def print_jobs_status(engine: Engine, console: Console | None = None) -> int:
     data = jobs_status(engine)
     table = Table(title="Jobs (model tasks)")
     for state in (PLANNED, QUEUED, RUNNING, DONE, FAILED):
-        table.add_column(state, justify="right")
-    table.add_column("outputs", justify="right")
+        table.add_column(state, justify="right", overflow="fold")  # wrap on narrow terminals, never cut
+    table.add_column("outputs", justify="right", overflow="fold")
     table.add_row(*[str(data["counts"][s]) for s in (PLANNED, QUEUED, RUNNING, DONE, FAILED)], str(data["outputs"]))
     console.print(table)
     for e in data["last_errors"]:
         console.print(
-            f"[red]job {e['id']} ({e['kind']}, {e['attempts']} attempt(s)) failed:[/] {escape(e['error'] or '')}"
+            f"[red]job {e['id']} ({e['kind']}, {e['attempts']} attempt(s)) of study {e['study_instance_uid']} "
+            f"failed:[/] {escape(e['error'] or '')}"
         )
     for u in data["unmatched"]:
-        console.print(f"[yellow]study revision {u['revision']}: {len(u['unmatched_series'])} series matched no rule[/]")
+        console.print(
+            f"[yellow]study {u['study_instance_uid']} revision {u['revision']}: "
+            f"{len(u['unmatched_series'])} series matched no rule[/]"
+        )
     return data["counts"][FAILED]
 
 
@@ -96,7 +100,7 @@ def register(app: typer.Typer) -> None:
             return
         table = Table(title="Jobs")
         for c in ("id", "kind", "rule", "state", "attempts", "outputs", "worker", "error"):
-            table.add_column(c)
+            table.add_column(c, overflow="fold")
         for r in rows:
             table.add_row(
                 str(r["id"]),

@@ -44,15 +44,21 @@ def test_status_api(db_url: str, make_settings: Any, start_node: Any) -> None:
 
     assert associate(node.port, calling="INTRUDER").is_rejected
     deadline = time.monotonic() + 10
+    from dicom_node.console.auth import add_user, create_token
+
+    add_user(node.engine, "ops", "ops-password-1", "readonly")
     client = TestClient(create_app(settings, engine=node.engine, active_associations=node.active_associations))
+    assert client.get("/api/studies").status_code == 401  # nothing but health and metrics without a login
+    client.headers["Authorization"] = f"Bearer {create_token(node.engine, 'ops')}"
     while time.monotonic() < deadline:
         studies = client.get("/api/studies").json()
         if studies and studies[0]["state"] == "complete":
             break
         time.sleep(0.1)
 
-    health = client.get("/healthz")
-    assert health.status_code == 200 and health.json()["database"] == "ok"
+    assert client.get("/healthz").status_code == 200
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["checks"]["database"] == "ok", ready.json()
 
     (s,) = studies
     assert (s["study_instance_uid"], s["instance_count"], s["state"], s["completion_reason"]) == (
@@ -79,8 +85,8 @@ def test_status_api(db_url: str, make_settings: Any, start_node: Any) -> None:
     rej = client.get("/api/rejections").json()
     assert {r["reason"] for r in rej} == {"missing_uid", "calling_ae_not_allowed"}
     assert client.get("/api/duplicates").json()["duplicates_total"] == 1
-    page = client.get("/")
-    assert page.status_code == 200 and "UniMedVL gateway" in page.text and "Test^Patient" not in page.text
+    page = client.get("/studies")  # a read-only role does not see patient identifiers
+    assert page.status_code == 200 and study in page.text and "Test^Patient" not in page.text
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -119,9 +125,14 @@ def test_serve_status_and_studies_commands(tmp_path: Path) -> None:
             assert proc.poll() is None, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
             assert time.monotonic() < deadline, "serve did not come up"
             time.sleep(0.3)
+        api = f"http://127.0.0.1:{http_port}/api/studies"
+        assert httpx.get(api, timeout=5).status_code == 401
+        # a token of the admin `serve` created (before the study: stop while no job has started yet)
+        token = _cli("users", "token", "admin", "--config", str(cfg), cwd=tmp_path)
+        assert token.returncode == 0, token.stderr
         study = pydicom.uid.generate_uid()
         assert [s.Status for s in store(port, [make_ct(study, instance_number=i) for i in range(3)])] == [0] * 3
-        studies = httpx.get(f"http://127.0.0.1:{http_port}/api/studies", timeout=5).json()
+        studies = httpx.get(api, timeout=5, headers={"Authorization": f"Bearer {token.stdout.strip()}"}).json()
         assert studies[0]["instance_count"] == 3
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -133,6 +144,7 @@ def test_serve_status_and_studies_commands(tmp_path: Path) -> None:
     err = proc.stderr.read().decode() if proc.stderr else ""
     assert rc == 0, err[-2000:]
     assert "node stopped" in err
+    assert "user 'admin' (admin) created with password" in err  # the first-run step, printed once
     assert "Test^Patient" not in err and "PAT-1" not in err  # no patient data in logs
 
     out = _cli("studies", "--config", str(cfg), "--json", cwd=tmp_path)

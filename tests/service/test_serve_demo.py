@@ -90,8 +90,26 @@ class Serve:
             self.proc.wait(10)
             raise
 
+    def token(self) -> str:
+        """An API token of the admin `serve` created on first start (the API needs a login)."""
+        if not hasattr(self, "_token"):
+            out = subprocess.run(
+                [*UNIMEDVL, "users", "token", "admin", "--config", str(self.cfg)],
+                capture_output=True,
+                text=True,
+                env=ENV,
+                timeout=60,
+            )
+            assert out.returncode == 0, out.stderr
+            self._token = out.stdout.strip()
+        return self._token
+
     def timeline(self, study_uid: str) -> dict | None:
-        r = httpx.get(f"{self.api}/api/studies/{study_uid}/timeline", timeout=10)
+        r = httpx.get(
+            f"{self.api}/api/studies/{study_uid}/timeline",
+            timeout=10,
+            headers={"Authorization": f"Bearer {self.token()}"},
+        )
         return r.json() if r.status_code == 200 else None
 
     def wait(self, study_uid: str, predicate, timeout: float = 240) -> dict:
@@ -156,8 +174,33 @@ def test_serve_and_demo_deliver_every_object_type_to_orthanc(tmp_path: Path, ser
             [*UNIMEDVL, "status", "--config", str(cfg)], cwd=tmp_path, env=ENV, capture_output=True, text=True
         )
         assert status.returncode == 0 and "Jobs" in status.stdout, status.stdout + status.stderr
+        _console_shows_the_demo_study(serve, demo.stdout)
         assert serve.stop() == 0
         assert "DEMO^0001" not in serve.log.read_text()  # no PHI in the logs
+
+
+def _console_shows_the_demo_study(serve: Serve, demo_out: str) -> None:
+    """README's first-run step: the password `serve` printed logs in; the demo study's page shows
+    the SR text and the SEG overlay."""
+    import re
+
+    password = re.search(r"created with password\s+(\S+)", serve.log.read_text())
+    assert password, serve.log.read_text()[-2000:]
+    page_url = re.search(r"http://\S+/studies/\d+", demo_out)
+    assert page_url, demo_out
+    with httpx.Client(base_url=serve.api, timeout=20) as c:
+        assert c.get(page_url.group(0), follow_redirects=False).status_code == 303  # login first
+        r = c.post("/login", data={"username": "admin", "password": password.group(1), "next": "/"})
+        assert r.status_code == 303 and r.headers["location"] == "/", r.text
+        assert "Dashboard" in c.get("/").text
+        page = c.get(page_url.group(0)).text
+        assert "Findings" in page or "Impression" in page or "Answer" in page  # report/VQA text from the SR
+        previews = re.findall(r'class="preview preview-(seg|sc)" src="([^"]+)"', page)
+        assert {k for k, _ in previews} == {"seg", "sc"}, previews
+        for _kind, src in previews:
+            img = c.get(src)
+            assert img.status_code == 200 and img.headers["content-type"] == "image/png", src
+            assert img.content[:4] == b"\x89PNG"
 
 
 @pytest.mark.orthanc
