@@ -59,9 +59,18 @@ RJ_CALLED_AE = (0x01, 0x01, 0x07)
 
 
 def storage_sop_classes() -> list[str]:
-    """Every storage SOP class pynetdicom knows: the standard contexts plus its registry."""
+    """Every storage SOP class pynetdicom knows (the standard contexts plus its registry) and
+    the retired image storage classes of pydicom's UID dictionary: old modalities still send
+    Ultrasound Image Storage (Retired, 1.2.840.10008.5.1.4.1.1.6) and its kin (PS3.4 B.5)."""
+    from pydicom._uid_dict import UID_dictionary
+
     uids = [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts]
     uids += [str(u) for u in _STORAGE_CLASSES.values()]
+    uids += [
+        uid
+        for uid, (_name, kind, _info, retired, _kw) in UID_dictionary.items()
+        if kind == "SOP Class" and retired == "Retired" and uid.startswith("1.2.840.10008.5.1.4.1.1.")
+    ]
     return list(dict.fromkeys(uids))
 
 
