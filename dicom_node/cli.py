@@ -279,6 +279,15 @@ def _register_jobs() -> None:
 _register_jobs()
 
 
+def _register_batch() -> None:
+    from dicom_node.batch.cli import register
+
+    register(app)  # `batch SOURCE --out DIR ...` and `batch status [ID]`
+
+
+_register_batch()
+
+
 @bench_app.command("ingest")
 def bench_ingest(
     n: int = typer.Option(200, "--n", help="synthetic CT slices per run"),

@@ -53,6 +53,11 @@ class NodeSettings(_Section):
     duplicate_policy: Literal["keep_first", "replace"] = "keep_first"
     listeners: int = Field(1, ge=1, le=64)  # listener processes sharing the port (SO_REUSEPORT)
     log_phi: bool = False
+    # Connection guard (dicom_node/transport_guard.py): bounds on what a peer can hold.
+    associate_timeout_seconds: float = Field(5.0, gt=0)  # connect -> complete A-ASSOCIATE-RQ
+    pdu_timeout_seconds: float = Field(10.0, gt=0)  # idle between PDUs; also a started PDU's base allowance
+    max_connections_per_host: int = Field(16, ge=1)  # open connections from one remote address
+    accept_private_sop_classes: bool = False  # also accept storage of SOP classes PS3.4 does not define
 
     @field_validator("ae_title")
     @classmethod

@@ -6,8 +6,19 @@ PixelSpacing, SliceThickness), so MPR, linking and hanging protocols keep workin
 series and SOP instance UIDs, ImageType DERIVED\\SECONDARY, SourceImageSequence + derivation
 description/code, SyntheticData, the AI model as General Equipment and the scanner plus the model
 in ContributingEquipmentSequence. Private tags and everything that described the old pixels
-(window, LUTs, padding, smallest/largest values, icons, overlays) are dropped; pixels are stored
-uncompressed, 16 bit, with Rescale 1/0 where the IOD has a Modality LUT.
+(window, LUTs, padding, smallest/largest values, icons, overlays) are dropped. Pixels are stored
+uncompressed in the source's pixel format where the IOD fixes it (PS3.3 C.7.6.3, C.8.5.6 for US):
+
+- 8-bit monochrome sources stay 8-bit (BitsAllocated, BitsStored, HighBit, PixelRepresentation and
+  any Rescale as the source), values clipped to the range BitsStored allows;
+- colour sources (RGB, YBR_*, PALETTE COLOR) give RGB, 8 bit, PlanarConfiguration 0; a 2-D result
+  for a colour source is written as grey RGB;
+- 16-bit monochrome sources give 16 bit, signed only when the values need it, Rescale 1/0 where
+  the IOD has a Modality LUT.
+
+Retired source SOP classes (e.g. the 1993 Ultrasound Image Storage) are written in their
+successor class; text is UTF-8 and absent Type 2 identity attributes are present and empty
+(``source_prep``). Multi-frame sources are refused with UnsupportedSourceError naming the reason.
 
 If an output array is larger or smaller than the source (super-resolution), PixelSpacing is
 scaled so the field of view is unchanged and ImagePositionPatient moves to the new first pixel
@@ -25,7 +36,7 @@ from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from .common import (
     SourceError,
@@ -36,8 +47,10 @@ from .common import (
     finish,
     series_description,
 )
+from .errors import UnsupportedSourceError
 from .geometry import is_multiframe
 from .results import DerivedImages, Provenance
+from .source_prep import current_sop_class, writable_sources
 from .uids import new_uid
 
 # Attributes that describe the source's pixel values or encoding and would lie about ours.
@@ -86,6 +99,7 @@ _LOSSY_SYNTAXES = {
 }
 # IODs whose image module includes the Modality LUT (rescale) attributes.
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+_PATIENT_POSITION_CLASSES = {CT_IMAGE_STORAGE, "1.2.840.10008.5.1.4.1.1.4"}  # CT, MR Image Storage
 _RESCALE_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.2",  # CT
     "1.2.840.10008.5.1.4.1.1.128",  # PET
@@ -122,6 +136,79 @@ def _encode(values: np.ndarray) -> tuple[bytes, int]:
     if lo >= -0x8000 and hi <= 0x7FFF:
         return ints.astype("<i2").tobytes(), 1
     raise ValueError(f"derived pixel values {lo}..{hi} do not fit in 16 bits")
+
+
+COLOUR_PHOTOMETRICS = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420", "PALETTE COLOR")
+_MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+
+
+def _stored_range(bits_stored: int, signed: bool) -> tuple[int, int]:
+    return (-(1 << (bits_stored - 1)), (1 << (bits_stored - 1)) - 1) if signed else (0, (1 << bits_stored) - 1)
+
+
+def _check_finite(values: np.ndarray) -> None:
+    if not np.all(np.isfinite(values)):
+        raise ValueError("derived pixels contain NaN or infinite values")
+
+
+def _store_8bit_monochrome(ds: Dataset, src: Dataset, values: np.ndarray) -> None:
+    """Modality values -> stored values in the source's 8-bit format, source rescale kept, clipped."""
+    _check_finite(values)
+    slope = float(src.get("RescaleSlope", 1) or 1)
+    intercept = float(src.get("RescaleIntercept", 0) or 0)
+    bits_stored = int(src.get("BitsStored", 8) or 8)
+    signed = int(src.get("PixelRepresentation", 0) or 0) == 1
+    lo, hi = _stored_range(min(bits_stored, 8), signed)
+    stored = np.clip(np.rint((values - intercept) / slope), lo, hi)
+    ds.PixelData = stored.astype(np.int8 if signed else np.uint8).tobytes()
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, min(bits_stored, 8), min(bits_stored, 8) - 1
+    ds.PixelRepresentation = int(signed)
+    ds.PhotometricInterpretation = src.PhotometricInterpretation
+
+
+def _store_rgb(ds: Dataset, values: np.ndarray) -> None:
+    """(rows, cols, 3) or grey (rows, cols) -> RGB 8 bit, colour-by-pixel (PS3.3 C.7.6.3.1.3)."""
+    _check_finite(values)
+    rgb = values if values.ndim == 3 else np.repeat(values[..., None], 3, axis=-1)
+    ds.PixelData = np.clip(np.rint(rgb), 0, 255).astype(np.uint8).tobytes()
+    ds.SamplesPerPixel = 3
+    ds.PhotometricInterpretation = "RGB"
+    ds.PlanarConfiguration = 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    for kw in ("RescaleIntercept", "RescaleSlope", "RescaleType"):
+        if kw in ds:
+            delattr(ds, kw)
+
+
+def _store_16bit_monochrome(ds: Dataset, src: Dataset, values: np.ndarray, keep_source_window: bool) -> None:
+    data, signed = _encode(values.astype(np.float64, copy=False))
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, signed
+    if str(src.SOPClassUID) in _RESCALE_SOP_CLASSES or "RescaleSlope" in src:
+        ds.RescaleIntercept, ds.RescaleSlope = 0, 1
+        if "RescaleType" in src:
+            ds.RescaleType = src.RescaleType
+        elif str(src.SOPClassUID) != CT_IMAGE_STORAGE:
+            # The Modality LUT module needs RescaleType with a rescale (CT implies HU): unspecified.
+            ds.RescaleType = "US"
+    ds.PixelData = data
+
+
+def _pixel_shape_ok(pixels: np.ndarray, colour: bool) -> bool:
+    if pixels.ndim == 2:
+        return min(pixels.shape) >= 1
+    return colour and pixels.ndim == 3 and pixels.shape[2] == 3 and min(pixels.shape[:2]) >= 1
+
+
+def _fill_type2(ds: Dataset) -> None:
+    """Type 2 / 2C attributes of the image modules a copied header may lack (PS3.3 C.7.6.1)."""
+    if "InstanceNumber" not in ds:
+        ds.InstanceNumber = None
+    if "ImageOrientationPatient" not in ds and "PatientOrientation" not in ds:
+        ds.PatientOrientation = None  # 2C: required without patient geometry; empty = unknown
+    if str(ds.get("SOPClassUID", "")) in _PATIENT_POSITION_CLASSES and "PatientPosition" not in ds:
+        ds.PatientPosition = None  # General Series 2C for CT and MR (C.7.3.1): unknown
+    if str(ds.get("SOPClassUID", "")) == CT_IMAGE_STORAGE and "AcquisitionNumber" not in ds:
+        ds.AcquisitionNumber = None  # CT Image Type 2 (C.8.2.1)
 
 
 def _resample_geometry(ds: Dataset, rows: int, cols: int) -> None:
@@ -182,8 +269,14 @@ def write_derived_series(
 ) -> list[Dataset]:
     """One derived instance per source instance that has pixels in ``result`` (source order kept)."""
     check_same_study(sources)
-    if any(is_multiframe(s) for s in sources):
-        raise SourceError("derived series are written for single-frame sources only (got a multi-frame image)")
+    multi = [s for s in sources if is_multiframe(s)]
+    if multi:
+        frames = int(multi[0].get("NumberOfFrames", 1) or 1)
+        raise UnsupportedSourceError(
+            f"derived series are written for single-frame sources only; this source is a multi-frame "
+            f"{_sop_class_name(multi[0])} with {frames} frames"
+        )
+    sources = writable_sources(sources)
     by_uid = {str(s.SOPInstanceUID): s for s in sources}
     unknown = [k for k in result.pixels if k not in by_uid]
     if unknown:
@@ -201,12 +294,20 @@ def write_derived_series(
         uid = str(src.SOPInstanceUID)
         if uid not in result.pixels:
             continue
-        if str(src.get("PhotometricInterpretation", "")) not in ("MONOCHROME1", "MONOCHROME2"):
-            raise SourceError("derived series are written for monochrome sources only")
+        photometric = str(src.get("PhotometricInterpretation", ""))
+        colour = photometric in COLOUR_PHOTOMETRICS or int(src.get("SamplesPerPixel", 1) or 1) == 3
+        if not colour and photometric not in _MONOCHROME:
+            raise UnsupportedSourceError(
+                f"derived series are written for monochrome or colour images; this source's "
+                f"PhotometricInterpretation is {photometric or 'missing'}"
+            )
         pixels = np.asarray(result.pixels[uid])
-        if pixels.ndim != 2 or min(pixels.shape) < 1:
-            raise ValueError(f"derived pixels must be a 2-D (rows, cols) array, got shape {pixels.shape}")
+        if not _pixel_shape_ok(pixels, colour):
+            want = "(rows, cols) or (rows, cols, 3)" if colour else "2-D (rows, cols)"
+            raise ValueError(f"derived pixels must be a {want} array, got shape {pixels.shape}")
         ds = _header_copy(src)
+        ds.SOPClassUID = current_sop_class(str(src.SOPClassUID))
+        _fill_type2(ds)
         ds.file_meta = FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.SeriesInstanceUID = series_uid
@@ -233,26 +334,29 @@ def write_derived_series(
         ai = contributing_equipment(provenance, "synthesizing", result.derivation_description)
         ds.ContributingEquipmentSequence = DicomSequence([*([acq] if acq else []), ai])
         apply_provenance(ds, provenance)
-        rows, cols = pixels.shape
-        _resample_geometry(ds, rows, cols)
-        data, signed = _encode(pixels.astype(np.float64, copy=False))
+        rows, cols = pixels.shape[:2]
+        if "PixelSpacing" in ds and "ImagePositionPatient" in ds:
+            _resample_geometry(ds, rows, cols)
         ds.Rows, ds.Columns = rows, cols
-        ds.SamplesPerPixel = 1
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, signed
-        if str(src.SOPClassUID) in _RESCALE_SOP_CLASSES or "RescaleSlope" in src:
-            ds.RescaleIntercept, ds.RescaleSlope = 0, 1
-            if "RescaleType" in src:
-                ds.RescaleType = src.RescaleType
-            elif str(src.SOPClassUID) != CT_IMAGE_STORAGE:
-                # The Modality LUT module needs RescaleType with a rescale (CT implies HU): unspecified.
-                ds.RescaleType = "US"
-        if keep_source_window and "WindowCenter" in src and "WindowWidth" in src:
-            ds.WindowCenter, ds.WindowWidth = src.WindowCenter, src.WindowWidth
+        values = pixels.astype(np.float64, copy=False)
+        if colour:
+            _store_rgb(ds, values)
         else:
-            ds.WindowCenter, ds.WindowWidth = _window(pixels)
-        ds.PixelData = data
+            ds.SamplesPerPixel = 1
+            if int(src.get("BitsAllocated", 16) or 16) == 8:
+                _store_8bit_monochrome(ds, src, values)
+            else:
+                _store_16bit_monochrome(ds, src, values, keep_source_window)
+            if keep_source_window and "WindowCenter" in src and "WindowWidth" in src:
+                ds.WindowCenter, ds.WindowWidth = src.WindowCenter, src.WindowWidth
+            else:
+                ds.WindowCenter, ds.WindowWidth = _window(pixels)
         out.append(finish(ds, provenance.uid_root))
     return out
+
+
+def _sop_class_name(ds: Dataset) -> str:
+    return UID(str(ds.get("SOPClassUID", ""))).name or "image"
 
 
 def _purpose_source_image() -> Dataset:
