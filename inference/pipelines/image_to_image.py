@@ -72,6 +72,10 @@ def run_image_to_image(
     out: PipelineOutput,
     progress: Progress | None = None,
 ) -> None:
+    """One series -> a derived series (translate or super_resolve) in the source SOP class and grid.
+
+    Raises PipelineError (errors.py) for colour or multi-frame sources, undecodable pixels, an
+    engine refusal or a source the writer cannot carry; other exceptions are bugs and propagate."""
     kind = params.kind
     if any(frame_count(d) > 1 for d in series.datasets):
         raise PipelineError(f"{kind} writes derived series for single-frame sources only; this series is multi-frame")

@@ -104,6 +104,11 @@ def run_segment(
     out: PipelineOutput,
     progress: Progress | None = None,
 ) -> None:
+    """One series -> a SEG (BINARY or LABELMAP) on the source grid and a TID 1500 measurement SR.
+
+    Raises PipelineError (errors.py) when the source cannot carry a SEG (no Frame of Reference,
+    no geometry, mixed multi-frame), its pixels cannot be decoded or the engine refuses the input;
+    other exceptions are bugs and propagate."""
     multiframe = any(frame_count(d) > 1 for d in series.datasets)
     if multiframe and len(series.datasets) != 1:
         raise PipelineError("a series mixing multi-frame objects with other instances cannot be segmented as one")

@@ -168,7 +168,7 @@ def test_a_bug_is_a_crash_retried_counted_and_internal(
     Planner(engine, parse_rules(RULES), publisher=None).plan_revision(event.study_instance_uid, event.revision)
     import inference.preprocess as preprocess
 
-    def broadcast_bug(frame: np.ndarray, window: Any) -> np.ndarray:
+    def broadcast_bug(frame: np.ndarray, window: Any, function: str = "LINEAR") -> np.ndarray:
         return (frame + np.zeros(frame.shape[0] + 1)).astype(np.uint8)  # ValueError: shapes differ
 
     monkeypatch.setattr(preprocess, "apply_window", broadcast_bug)
