@@ -69,6 +69,8 @@ def kv(**fields: Any) -> dict[str, Any]:
 # Libraries whose log lines and warnings can quote a dataset's values (pydicom: "Invalid value
 # for VR PN: 'Doe^John'"; highdicom: a rejected attribute value): their text is withheld.
 _LIBRARY_LOGGERS = ("pydicom", "highdicom", "py.warnings")
+# Warnings from these packages keep their text: they never handle a dataset's values.
+_NO_DATASET_LIBRARIES = ("celery", "kombu", "billiard", "amqp", "sqlalchemy", "alembic", "uvicorn", "fastapi")
 _WARNING_WHERE = re.compile(r"^(?P<where>.*?:\d+): (?P<category>\w+): ")
 _guard_installed = False
 
@@ -78,11 +80,14 @@ def _library(name: str) -> bool:
 
 
 def _withhold(record: logging.LogRecord) -> None:
-    if _library(record.name):
-        where = ""
-        if record.name == "py.warnings":
-            m = _WARNING_WHERE.match(record.getMessage())
-            where = f" {m.group('category')} at {m.group('where')}" if m else ""
+    where: str | None = ""
+    if record.name == "py.warnings":
+        m = _WARNING_WHERE.match(record.getMessage())
+        if m and any(f"/{lib}/" in m.group("where") for lib in _NO_DATASET_LIBRARIES):
+            where = None  # the worker's plumbing (Celery ...) never sees a dataset: keep its text
+        elif m:
+            where = f" {m.group('category')} at {m.group('where')}"
+    if _library(record.name) and where is not None:
         record.msg = (
             f"{record.name} {record.levelname.lower()}{where}: text withheld (it may quote patient data; "
             "set node.log_phi = true to see it)"
