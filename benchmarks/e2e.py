@@ -53,7 +53,7 @@ from typing import Any
 import httpx
 
 from benchmarks.peers import OrthancServer, PeerError, free_port, peer_env, storescu_send, wait_for_echo
-from benchmarks.synthetic import make_cr, make_ct_series, new_uid
+from dicom_node.synthetic import make_cr, make_ct_series, new_uid
 
 TARGET_OVERHEAD_S = 2.0
 NODE_AET = "UNIMEDVL"
@@ -318,7 +318,7 @@ def wait_timelines(api: str, study_uids: list[str], timeout: float) -> dict[str,
     raise PeerError(f"{len(study_uids) - len(done)} of {len(study_uids)} studies not finished within {timeout:.0f} s")
 
 
-# Worker log lines (inference.worker's basicConfig format, local time = UTC in our children).
+# Worker log lines (dicom_node.jobs.worker's basicConfig format, local time = UTC in our children).
 CLAIMED = re.compile(r"job (\d+) \((\w+)\) claimed")
 PIPELINE = re.compile(r"task (\w+): .* in ([\d.]+) s")
 RECEIVED = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*Task unimedvl\.run_job\[[^\]]+\] received")

@@ -20,7 +20,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from benchmarks.peers import OrthancServer, storescu_send
-from benchmarks.synthetic import make_ct_series
+from dicom_node.synthetic import make_ct_series
 
 TARGET_RATIO = 0.8
 

@@ -113,7 +113,7 @@ def run(
     import pydicom
     import torch
 
-    from benchmarks.synthetic import make_cr
+    from dicom_node.synthetic import make_cr
     from inference.pipelines import run_task
 
     fig: dict[str, Any] = {

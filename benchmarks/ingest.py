@@ -42,7 +42,7 @@ from benchmarks.peers import (
     storescu_send,
     wait_for_echo,
 )
-from benchmarks.synthetic import make_ct_series
+from dicom_node.synthetic import make_ct_series
 
 TARGETS = ("node", "storescp", "orthanc")
 ASSOCIATIONS = (1, 8)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -279,6 +281,15 @@ def _register_jobs() -> None:
 _register_jobs()
 
 
+def _register_eval() -> None:
+    from dicom_node.eval_cli import register
+
+    register(app)  # `eval`
+
+
+_register_eval()
+
+
 def _register_batch() -> None:
     from dicom_node.batch.cli import register
 
@@ -288,14 +299,31 @@ def _register_batch() -> None:
 _register_batch()
 
 
+@contextmanager
+def _benchmarks_needed() -> Iterator[None]:
+    """Around `from benchmarks...` imports: the benchmarks ship with the source tree only, so
+    when they are absent say where to get them and exit 2."""
+    try:
+        yield
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not exc.name.startswith("benchmarks"):
+            raise
+        typer.echo(
+            "the benchmarks are not installed: they come with the source repository "
+            "(git clone it, then `bash scripts/setup.sh` and run from its folder)",
+            err=True,
+        )
+        raise typer.Exit(2) from None
+
+
 @bench_app.command("ingest")
 def bench_ingest(
     n: int = typer.Option(200, "--n", help="synthetic CT slices per run"),
     out: str = typer.Option("", "--out", help="also write the figures as JSON here"),
 ) -> None:
     """C-STORE ingest: our node vs DCMTK storescp vs Orthanc."""
-    from benchmarks.ingest import main
-
+    with _benchmarks_needed():
+        from benchmarks.ingest import main
     raise typer.Exit(main(n=n, out=out or None))
 
 
@@ -304,8 +332,8 @@ def bench_engine(
     out: str = typer.Option("", "--out", help="also write the figures as JSON here"),
 ) -> None:
     """Model engine: prefill/decode tokens/s, denoise steps/s, PyTorch vs onnxruntime encoders."""
-    from benchmarks.engine import main
-
+    with _benchmarks_needed():
+        from benchmarks.engine import main
     raise typer.Exit(main(out=out or None))
 
 

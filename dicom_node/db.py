@@ -16,9 +16,9 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import event
+from sqlalchemy import MetaData, event
 from sqlalchemy.engine import Engine, make_url
-from sqlmodel import Session, create_engine
+from sqlmodel import Session, SQLModel, create_engine
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -62,6 +62,20 @@ def make_engine(url: str, **kw: Any) -> Engine:
     kw.setdefault("pool_size", 5)
     kw.setdefault("max_overflow", 20)
     return create_engine(url, **kw)
+
+
+def schema_metadata() -> MetaData:
+    """The tables the migrations must produce: every SQLModel table of the index, jobs, outbox and batches.
+
+    Alembic's target metadata (migrations/env.py), and what tests/test_schema.py compares the
+    migrated database with.
+    """
+    import dicom_node.batch.models  # noqa: F401  (each import registers its tables)
+    import dicom_node.export.models  # noqa: F401
+    import dicom_node.jobs.models  # noqa: F401
+    import dicom_node.models  # noqa: F401
+
+    return SQLModel.metadata
 
 
 def alembic_config(url: str) -> Config:

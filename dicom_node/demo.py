@@ -29,7 +29,7 @@ TERMINAL_DELIVERY = {"done", "failed", "superseded"}
 
 def make_demo_study(folder: Path, *, ct_slices: int = 12) -> tuple[str, list[Path]]:
     """A CT volume with a lesion and a chest CR in one study; returns (StudyInstanceUID, files)."""
-    from benchmarks.synthetic import make_cr, make_ct_series, new_uid
+    from dicom_node.synthetic import make_cr, make_ct_series, new_uid
 
     study_uid = new_uid()
     files = make_ct_series(folder / "ct", ct_slices, 128, 128, study_uid=study_uid, patient_id="DEMO^0001")

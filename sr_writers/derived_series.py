@@ -18,7 +18,8 @@ uncompressed in the source's pixel format where the IOD fixes it (PS3.3 C.7.6.3,
 
 Retired source SOP classes (e.g. the 1993 Ultrasound Image Storage) are written in their
 successor class; text is UTF-8 and absent Type 2 identity attributes are present and empty
-(``source_prep``). Multi-frame sources are refused with UnsupportedSourceError naming the reason.
+(``source_prep``). Multi-frame sources give one multi-frame derived instance (see
+write_derived_series); frames without functional groups that need geometry are refused.
 
 If an output array is larger or smaller than the source (super-resolution), PixelSpacing is
 scaled so the field of view is unchanged and ImagePositionPatient moves to the new first pixel
@@ -166,10 +167,11 @@ def _store_8bit_monochrome(ds: Dataset, src: Dataset, values: np.ndarray) -> Non
     ds.PhotometricInterpretation = src.PhotometricInterpretation
 
 
-def _store_rgb(ds: Dataset, values: np.ndarray) -> None:
-    """(rows, cols, 3) or grey (rows, cols) -> RGB 8 bit, colour-by-pixel (PS3.3 C.7.6.3.1.3)."""
+def _store_rgb(ds: Dataset, values: np.ndarray, grey: bool) -> None:
+    """([frames,] rows, cols, 3), or grey without the last axis -> RGB 8 bit, colour-by-pixel
+    (PS3.3 C.7.6.3.1.3)."""
     _check_finite(values)
-    rgb = values if values.ndim == 3 else np.repeat(values[..., None], 3, axis=-1)
+    rgb = np.repeat(values[..., None], 3, axis=-1) if grey else values
     ds.PixelData = np.clip(np.rint(rgb), 0, 255).astype(np.uint8).tobytes()
     ds.SamplesPerPixel = 3
     ds.PhotometricInterpretation = "RGB"
@@ -199,10 +201,12 @@ def _pixel_shape_ok(pixels: np.ndarray, colour: bool) -> bool:
     return colour and pixels.ndim == 3 and pixels.shape[2] == 3 and min(pixels.shape[:2]) >= 1
 
 
-def _fill_type2(ds: Dataset) -> None:
+def _fill_type2(ds: Dataset, enhanced: bool = False) -> None:
     """Type 2 / 2C attributes of the image modules a copied header may lack (PS3.3 C.7.6.1)."""
     if "InstanceNumber" not in ds:
         ds.InstanceNumber = None
+    if enhanced:  # orientation and position live in the functional groups
+        return
     if "ImageOrientationPatient" not in ds and "PatientOrientation" not in ds:
         ds.PatientOrientation = None  # 2C: required without patient geometry; empty = unknown
     if str(ds.get("SOPClassUID", "")) in _PATIENT_POSITION_CLASSES and "PatientPosition" not in ds:
@@ -258,6 +262,32 @@ def _acquisition_equipment(src: Dataset) -> Dataset | None:
     return item
 
 
+def _frames_for(result: DerivedImages, src: Dataset) -> np.ndarray | None:
+    """The result's pixels for one source: (rows, cols[, 3]) for a single-frame source; for a
+    multi-frame source (frames, rows, cols[, 3]) from one array or from (uid, frame number) keys."""
+    uid = str(src.SOPInstanceUID)
+    if uid in result.pixels:
+        return np.asarray(result.pixels[uid])
+    keys = sorted(k for k in result.pixels if isinstance(k, tuple) and str(k[0]) == uid)  # type: ignore[misc]
+    if not keys:
+        return None
+    n = int(src.get("NumberOfFrames", 1) or 1)
+    if [int(k[1]) for k in keys] != list(range(1, n + 1)):  # type: ignore[index]
+        raise ValueError(f"a derived multi-frame image needs pixels for all {n} frames of its source")
+    return np.stack([np.asarray(result.pixels[k]) for k in keys])  # type: ignore[index]
+
+
+def _check_shape(pixels: np.ndarray, colour: bool, frames: int | None) -> None:
+    plane = pixels if frames is None else (pixels[0] if pixels.ndim >= 3 else pixels)
+    if frames is not None and (pixels.ndim < 3 or pixels.shape[0] != frames):
+        raise ValueError(
+            f"derived pixels for a {frames}-frame source must be (frames, rows, cols[, 3]), got shape {pixels.shape}"
+        )
+    if not _pixel_shape_ok(plane, colour):
+        want = "(rows, cols) or (rows, cols, 3)" if colour else "2-D (rows, cols)"
+        raise ValueError(f"derived pixels must be a {want} array per frame, got shape {pixels.shape}")
+
+
 def write_derived_series(
     result: DerivedImages,
     sources: Sequence[Dataset],
@@ -267,18 +297,19 @@ def write_derived_series(
     series_instance_uid: str | None = None,
     keep_source_window: bool = False,
 ) -> list[Dataset]:
-    """One derived instance per source instance that has pixels in ``result`` (source order kept)."""
+    """One derived instance per source instance that has pixels in ``result`` (source order kept).
+
+    Single-frame sources: ``result.pixels[SOPInstanceUID]`` is (rows, cols) or (rows, cols, 3).
+    Multi-frame sources (Enhanced/Legacy Converted CT/MR/PET with functional groups, US cine): one
+    multi-frame derived instance per source with every frame, from ``pixels[SOPInstanceUID]``
+    (frames, rows, cols[, 3]) or ``pixels[(SOPInstanceUID, frame number)]``; per-frame geometry
+    is kept (and rescaled with the grid), each frame references its source frame. Multi-frame
+    sources without per-frame geometry that need it are refused (UnsupportedSourceError).
+    """
     check_same_study(sources)
-    multi = [s for s in sources if is_multiframe(s)]
-    if multi:
-        frames = int(multi[0].get("NumberOfFrames", 1) or 1)
-        raise UnsupportedSourceError(
-            f"derived series are written for single-frame sources only; this source is a multi-frame "
-            f"{_sop_class_name(multi[0])} with {frames} frames"
-        )
     sources = writable_sources(sources)
     by_uid = {str(s.SOPInstanceUID): s for s in sources}
-    unknown = [k for k in result.pixels if k not in by_uid]
+    unknown = [k for k in result.pixels if (str(k[0]) if isinstance(k, tuple) else k) not in by_uid]
     if unknown:
         raise SourceError(f"derived pixels refer to {len(unknown)} instance(s) that are not among the sources")
     if not result.pixels:
@@ -291,8 +322,8 @@ def write_derived_series(
     code.CodeMeaning = result.derivation_code.meaning
     out = []
     for src in sources:
-        uid = str(src.SOPInstanceUID)
-        if uid not in result.pixels:
+        pixels = _frames_for(result, src)
+        if pixels is None:
             continue
         photometric = str(src.get("PhotometricInterpretation", ""))
         colour = photometric in COLOUR_PHOTOMETRICS or int(src.get("SamplesPerPixel", 1) or 1) == 3
@@ -301,13 +332,18 @@ def write_derived_series(
                 f"derived series are written for monochrome or colour images; this source's "
                 f"PhotometricInterpretation is {photometric or 'missing'}"
             )
-        pixels = np.asarray(result.pixels[uid])
-        if not _pixel_shape_ok(pixels, colour):
-            want = "(rows, cols) or (rows, cols, 3)" if colour else "2-D (rows, cols)"
-            raise ValueError(f"derived pixels must be a {want} array, got shape {pixels.shape}")
+        multi = is_multiframe(src)
+        enhanced = multi and "PerFrameFunctionalGroupsSequence" in src
+        frames = int(src.get("NumberOfFrames", 1) or 1) if multi else None
+        if multi and not enhanced and "ImageOrientationPatient" in src:
+            raise UnsupportedSourceError(
+                f"this multi-frame {_sop_class_name(src)} has no per-frame functional groups, so the "
+                "geometry of each derived frame cannot be stated"
+            )
+        _check_shape(pixels, colour, frames)
         ds = _header_copy(src)
         ds.SOPClassUID = current_sop_class(str(src.SOPClassUID))
-        _fill_type2(ds)
+        _fill_type2(ds, enhanced)
         ds.file_meta = FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.SeriesInstanceUID = series_uid
@@ -317,42 +353,165 @@ def write_derived_series(
         ds.SeriesDate = ds.ContentDate = ds.InstanceCreationDate = now.strftime("%Y%m%d")
         ds.SeriesTime = ds.ContentTime = ds.InstanceCreationTime = now.strftime("%H%M%S")
         image_type = [str(v) for v in src.get("ImageType", [])]
-        ds.ImageType = ["DERIVED", "SECONDARY", *image_type[2:]] if len(image_type) > 2 else ["DERIVED", "SECONDARY"]
-        ref = Dataset()
-        ref.ReferencedSOPClassUID = src.SOPClassUID
-        ref.ReferencedSOPInstanceUID = src.SOPInstanceUID
-        ref.PurposeOfReferenceCodeSequence = DicomSequence([_purpose_source_image()])
-        ds.SourceImageSequence = DicomSequence([ref])
-        ds.DerivationDescription = f"{result.derivation_description} by {provenance.model_name}"[:1024]
-        ds.DerivationCodeSequence = DicomSequence([code])
+        if enhanced:
+            # Enhanced IODs: Value 2 stays PRIMARY (C.8.16.1.1); frames say DERIVED in their Frame Type.
+            ds.ImageType = ["DERIVED", *(image_type[1:] or ["PRIMARY"])]
+        else:
+            rest = image_type[2:]
+            ds.ImageType = ["DERIVED", "SECONDARY", *rest]
+        description = f"{result.derivation_description} by {provenance.model_name}"[:1024]
+        if enhanced:
+            _derive_frames(ds, src, code, description)
+        else:
+            ref = Dataset()
+            ref.ReferencedSOPClassUID = src.SOPClassUID
+            ref.ReferencedSOPInstanceUID = src.SOPInstanceUID
+            ref.PurposeOfReferenceCodeSequence = DicomSequence([_purpose_source_image()])
+            ds.SourceImageSequence = DicomSequence([ref])
+            ds.DerivationDescription = description
+            ds.DerivationCodeSequence = DicomSequence([copy.deepcopy(code)])
         if result.synthetic:
             ds.SyntheticData = "YES"
         _lossy_history(ds, src)
-        if "Laterality" not in ds:
+        if "Laterality" not in ds and not enhanced:  # enhanced: Frame Anatomy holds laterality
             copy_body_part_and_laterality(ds, src)
         acq = _acquisition_equipment(src)
         ai = contributing_equipment(provenance, "synthesizing", result.derivation_description)
         ds.ContributingEquipmentSequence = DicomSequence([*([acq] if acq else []), ai])
         apply_provenance(ds, provenance)
-        rows, cols = pixels.shape[:2]
-        if "PixelSpacing" in ds and "ImagePositionPatient" in ds:
+        rows, cols = pixels.shape[1:3] if multi else pixels.shape[:2]
+        if enhanced:
+            _resample_frames(ds, rows, cols)
+        elif "PixelSpacing" in ds and "ImagePositionPatient" in ds:
             _resample_geometry(ds, rows, cols)
+        elif (rows, cols) != (int(src.Rows), int(src.Columns)):
+            for kw in ("SequenceOfUltrasoundRegions", "PixelAspectRatio"):  # pixel-based, now wrong
+                if kw in ds:
+                    delattr(ds, kw)
         ds.Rows, ds.Columns = rows, cols
         values = pixels.astype(np.float64, copy=False)
         if colour:
-            _store_rgb(ds, values)
+            _store_rgb(ds, values, grey=values.ndim == (3 if multi else 2))
         else:
             ds.SamplesPerPixel = 1
             if int(src.get("BitsAllocated", 16) or 16) == 8:
                 _store_8bit_monochrome(ds, src, values)
+            elif enhanced:
+                _store_16bit_enhanced(ds, values)
             else:
                 _store_16bit_monochrome(ds, src, values, keep_source_window)
-            if keep_source_window and "WindowCenter" in src and "WindowWidth" in src:
-                ds.WindowCenter, ds.WindowWidth = src.WindowCenter, src.WindowWidth
-            else:
-                ds.WindowCenter, ds.WindowWidth = _window(pixels)
+            _set_window(ds, src, pixels, keep_source_window, enhanced)
         out.append(finish(ds, provenance.uid_root))
     return out
+
+
+def _set_window(ds: Dataset, src: Dataset, pixels: np.ndarray, keep: bool, enhanced: bool) -> None:
+    if not enhanced:
+        if keep and "WindowCenter" in src and "WindowWidth" in src:
+            ds.WindowCenter, ds.WindowWidth = src.WindowCenter, src.WindowWidth
+        else:
+            ds.WindowCenter, ds.WindowWidth = _window(pixels)
+        return
+    center, width = _window(pixels)
+    for group in _groups(ds):
+        for item in group.get("FrameVOILUTSequence", []):
+            if not keep:
+                item.WindowCenter, item.WindowWidth = center, width
+                for kw in ("WindowCenterWidthExplanation", "VOILUTFunction"):
+                    if kw in item:
+                        delattr(item, kw)
+
+
+def _groups(ds: Dataset) -> list[Dataset]:
+    """The shared functional group item and every per-frame item (PS3.3 C.7.6.16)."""
+    return [*ds.get("SharedFunctionalGroupsSequence", []), *ds.get("PerFrameFunctionalGroupsSequence", [])]
+
+
+_FRAME_TYPE_SEQUENCES = (
+    "CTImageFrameTypeSequence",
+    "MRImageFrameTypeSequence",
+    "PETFrameTypeSequence",
+    "XARFFrameCharacteristicsSequence",
+)
+
+
+def _derive_frames(ds: Dataset, src: Dataset, code: Dataset, description: str) -> None:
+    """Frame Type DERIVED in every group, RWV mappings of the old values dropped, and a Derivation
+    Image item per frame referencing its source frame (C.7.6.16.2.6)."""
+    colour = int(src.get("SamplesPerPixel", 1) or 1) == 3
+    if "PixelPresentation" in ds:  # the source's palette is dropped: ours is MONOCHROME (or TRUE_COLOR)
+        ds.PixelPresentation = "TRUE_COLOR" if colour else "MONOCHROME"
+    for group in _groups(ds):
+        for kw in _FRAME_TYPE_SEQUENCES:
+            for item in group.get(kw, []):
+                frame_type = [str(v) for v in item.get("FrameType", [])] or ["DERIVED", "PRIMARY"]
+                item.FrameType = ["DERIVED", *frame_type[1:]]
+                if "PixelPresentation" in item:
+                    item.PixelPresentation = ds.get("PixelPresentation", "MONOCHROME")
+        if "RealWorldValueMappingSequence" in group:
+            del group.RealWorldValueMappingSequence
+    for number, item in enumerate(ds.PerFrameFunctionalGroupsSequence, start=1):
+        ref = Dataset()
+        ref.ReferencedSOPClassUID = src.SOPClassUID
+        ref.ReferencedSOPInstanceUID = src.SOPInstanceUID
+        ref.ReferencedFrameNumber = number
+        ref.PurposeOfReferenceCodeSequence = DicomSequence([_purpose_source_image()])
+        derivation = Dataset()
+        derivation.DerivationDescription = description
+        derivation.DerivationCodeSequence = DicomSequence([copy.deepcopy(code)])
+        derivation.SourceImageSequence = DicomSequence([ref])
+        item.DerivationImageSequence = DicomSequence([derivation])
+    # Every instance the Derivation Image items reference, as a hierarchical reference (C.8.15.2).
+    instance = Dataset()
+    instance.ReferencedSOPClassUID, instance.ReferencedSOPInstanceUID = src.SOPClassUID, src.SOPInstanceUID
+    series = Dataset()
+    series.SeriesInstanceUID = src.SeriesInstanceUID
+    series.ReferencedSOPSequence = DicomSequence([instance])
+    evidence = Dataset()
+    evidence.StudyInstanceUID = src.StudyInstanceUID
+    evidence.ReferencedSeriesSequence = DicomSequence([series])
+    ds.SourceImageEvidenceSequence = DicomSequence([evidence])
+
+
+def _resample_frames(ds: Dataset, rows: int, cols: int) -> None:
+    """_resample_geometry for functional groups: Pixel Measures and each frame's Plane Position."""
+    old_rows, old_cols = int(ds.Rows), int(ds.Columns)
+    if (rows, cols) == (old_rows, old_cols):
+        return
+    shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else Dataset()
+    moved: set[int] = set()  # a position shared by all frames is moved once
+    for i, per in enumerate(ds.PerFrameFunctionalGroupsSequence):
+
+        def find(kw: str, per: Dataset = per, i: int = i) -> Dataset:
+            for group in (per, shared):
+                if kw in group and len(group[kw].value):
+                    return group[kw][0]
+            raise UnsupportedSourceError(f"frame {i + 1} of the multi-frame source lacks {kw}")
+
+        plane = Dataset()
+        plane.Rows, plane.Columns = old_rows, old_cols
+        plane.PixelSpacing = find("PixelMeasuresSequence").PixelSpacing
+        plane.ImageOrientationPatient = find("PlaneOrientationSequence").ImageOrientationPatient
+        plane.ImagePositionPatient = find("PlanePositionSequence").ImagePositionPatient
+        _resample_geometry(plane, rows, cols)
+        position = find("PlanePositionSequence")
+        if id(position) not in moved:
+            position.ImagePositionPatient = plane.ImagePositionPatient
+            moved.add(id(position))
+        new_spacing = plane.PixelSpacing
+    for group in _groups(ds):
+        for item in group.get("PixelMeasuresSequence", []):
+            item.PixelSpacing = new_spacing
+
+
+def _store_16bit_enhanced(ds: Dataset, values: np.ndarray) -> None:
+    """Modality values stored as they are: Pixel Value Transformation 1/0 in every group."""
+    data, signed = _encode(values)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, signed
+    for group in _groups(ds):
+        for item in group.get("PixelValueTransformationSequence", []):
+            item.RescaleIntercept, item.RescaleSlope = 0, 1
+    ds.PixelData = data
 
 
 def _sop_class_name(ds: Dataset) -> str:

@@ -215,16 +215,16 @@ def _run(
     from dicom_node.batch.results import batch_status, write_table
     from dicom_node.batch.sources import parse_source
     from dicom_node.db import init_db, make_engine
+    from dicom_node.jobs.celery_app import is_amqp
     from dicom_node.jobs.settings import model_version
     from dicom_node.logs import setup_logging
-    from inference.celery_app import is_amqp
 
     setup_logging()
     if dry_run:
         from dicom_node.batch.driver import dry_run as run_dry
 
         def loader() -> Any:
-            from inference.worker import WorkerContext
+            from dicom_node.jobs.context import WorkerContext
 
             return WorkerContext(settings).engine()
 
@@ -254,7 +254,7 @@ def _run(
         publisher = CeleryPublisher(settings.broker.url)
         n_workers = workers if workers is not None else (0 if is_amqp(settings.broker.url) else 1)
         if n_workers and batch_status(db, batch.id)["active"]:
-            from inference.worker import start_embedded_worker
+            from dicom_node.jobs.worker import start_embedded_worker
 
             procs = [start_embedded_worker(settings, queues=["batch"]) for _ in range(n_workers)]
             log.info("batch %s: embedded worker(s) started (pid %s)", batch.id, ", ".join(str(p.pid) for p in procs))
@@ -274,7 +274,7 @@ def _run(
             return 130
         return 1 if data["counts"]["failed"] else 0
     finally:
-        from inference.worker import stop_worker
+        from dicom_node.jobs.worker import stop_worker
 
         for p in procs:
             stop_worker(p, 30)

@@ -335,7 +335,7 @@ class CeleryPublisher:
         inner = self._inner
         with inner._lock:
             if not inner._dead_letter_declared:  # RabbitMQ: before any message can be dead-lettered
-                from inference.celery_app import declare_dead_letter_queue
+                from dicom_node.jobs.celery_app import declare_dead_letter_queue
 
                 declare_dead_letter_queue(inner.app)
                 inner._dead_letter_declared = True

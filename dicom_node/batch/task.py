@@ -1,6 +1,6 @@
 """Celery task `unimedvl.run_batch_item(item_id)` on the `unimedvl.batch` queue.
 
-Registered by `inference.celery_app` (its include list), so every `unimedvl worker --queue batch`
+Registered by `dicom_node.jobs.celery_app` (its include list), so every `unimedvl worker --queue batch`
 (and the worker `unimedvl batch` starts on the embedded defaults) runs batch items with the
 model it already keeps warm. The message carries only the item id; a duplicate is harmless
 (the item is claimed with one conditional UPDATE).
@@ -9,13 +9,13 @@ model it already keeps warm. The message carries only the item id; a duplicate i
 from __future__ import annotations
 
 from dicom_node.batch.execute import RUN_ITEM
-from inference.celery_app import app
+from dicom_node.jobs.celery_app import app
 
 
 @app.task(name=RUN_ITEM, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def run_batch_item(item_id: int) -> str:
     from dicom_node.batch.execute import run_item
-    from inference.worker import current_context
+    from dicom_node.jobs.context import current_context
 
     ctx = current_context()
     try:

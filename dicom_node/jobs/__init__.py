@@ -5,8 +5,9 @@
     jobs.start() ... jobs.stop()
     retry_jobs(engine, ids=[3])  # failed -> planned (the sweeper publishes)
 
-Workers run `inference.tasks.run_job` (see inference/worker.py), which uses
-`dicom_node.jobs.runner.execute_job`.
+Workers (`unimedvl worker`, dicom_node/jobs/worker.py; the Celery app is
+`dicom_node.jobs.celery_app`) run `dicom_node.jobs.tasks.run_job`, which builds the process's
+`dicom_node.jobs.context.WorkerContext` and calls `dicom_node.jobs.runner.execute_job`.
 """
 
 from dicom_node.jobs.admin import get_job, jobs_status, list_jobs, retry_jobs, study_plan

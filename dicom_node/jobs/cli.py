@@ -67,7 +67,7 @@ def register(app: typer.Typer) -> None:
         """Run a GPU worker: a Celery worker that loads the model once and runs jobs from the broker."""
         import logging
 
-        from inference.worker import run_worker
+        from dicom_node.jobs.worker import run_worker
 
         settings = _settings(config)
         logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

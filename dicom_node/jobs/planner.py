@@ -41,7 +41,7 @@ class Publisher:
     def __init__(self, broker_url: str) -> None:
         from celery import Celery
 
-        from inference.celery_app import configure, resolve_broker_url
+        from dicom_node.jobs.celery_app import configure, resolve_broker_url
 
         self.broker_url = resolve_broker_url(broker_url)
         self.app = configure(Celery("unimedvl-planner"), self.broker_url)
@@ -52,7 +52,7 @@ class Publisher:
         # Publisher confirms on RabbitMQ (confirm_publish): returning means the broker has it.
         with self._lock:
             if not self._dead_letter_declared:  # before any message can be dead-lettered
-                from inference.celery_app import declare_dead_letter_queue
+                from dicom_node.jobs.celery_app import declare_dead_letter_queue
 
                 declare_dead_letter_queue(self.app)
                 self._dead_letter_declared = True
@@ -138,7 +138,7 @@ class Planner:
         model: Any = "tiny",
         jobs: JobSettings | None = None,
     ) -> None:
-        from inference.celery_app import TASK_QUEUES
+        from dicom_node.jobs.celery_app import TASK_QUEUES
 
         self.engine = engine
         self.rules = list(rules)

@@ -69,7 +69,7 @@ class JobService:
             self._supervisor.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        from inference.worker import stop_worker
+        from dicom_node.jobs.worker import stop_worker
 
         self._stop.set()
         if self._supervisor is not None:
@@ -83,7 +83,7 @@ class JobService:
         self.publisher.close()
 
     def _start_worker(self) -> None:
-        from inference.worker import start_embedded_worker
+        from dicom_node.jobs.worker import start_embedded_worker
 
         self.worker = start_embedded_worker(
             self.settings, env=self.worker_env, stdout=self.worker_log, stderr=self.worker_log

@@ -23,8 +23,8 @@ def test_routed_study_finishes_while_a_large_batch_is_queued(tmp_path: Path) -> 
     from dicom_node.config import load_config
     from dicom_node.db import init_db, make_engine
     from dicom_node.jobs.planner import Planner, Publisher
+    from dicom_node.jobs.worker import start_embedded_worker
     from dicom_node.routing import parse_rules
-    from inference.worker import start_embedded_worker
 
     root = tmp_path / "archive"
     studies = make_archive(root, n_cr=8, ct_slices=0, us=False)

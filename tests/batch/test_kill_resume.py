@@ -99,7 +99,7 @@ def test_kill_batch_and_resume_embedded(tmp_path: Path) -> None:
 @pytest.mark.rabbitmq
 def test_kill_batch_and_a_worker_resume_rabbitmq_postgres(tmp_path: Path, pg_url: str, rabbit_vhost: str) -> None:
     from dicom_node.config import load_config
-    from inference.worker import start_embedded_worker
+    from dicom_node.jobs.worker import start_embedded_worker
 
     root = tmp_path / "archive"
     studies = make_archive(root, n_cr=5, ct_slices=0, us=False)

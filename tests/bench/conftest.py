@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.peers import OrthancServer, StoreSCP
-from benchmarks.synthetic import make_ct_series
+from dicom_node.synthetic import make_ct_series
 from tests.conftest import require_tool
 
 

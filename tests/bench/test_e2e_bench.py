@@ -137,6 +137,8 @@ def test_gpu_report_runs_tiny_without_gateway_packages(tmp_path: Path):
     assert fig["within_bar"] is True and fig["budget_left_s"] == pytest.approx(60 - fig["best_total_s"], abs=0.01)
 
 
+@pytest.mark.orthanc
+@pytest.mark.dcmtk
 @pytest.mark.timeout(180)
 def test_smoke_run_against_orthanc(tmp_path: Path):
     require_tool("Orthanc")

@@ -13,7 +13,7 @@ import pytest
 from benchmarks import ingest
 from benchmarks.ingest import NodeProcess, Report, Run, checks, exit_code, node_config, to_json
 from benchmarks.peers import PeerError, StoreSCP
-from benchmarks.synthetic import make_ct_series
+from dicom_node.synthetic import make_ct_series
 
 
 def _run(target: str, assoc: int, seconds: float, *, verified: bool = True, n: int = 100) -> Run:

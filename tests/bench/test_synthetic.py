@@ -9,7 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from benchmarks.synthetic import make_cr, make_ct_series
+from dicom_node.synthetic import make_cr, make_ct_series
 from tests.conftest import require_tool
 
 

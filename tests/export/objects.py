@@ -16,7 +16,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from benchmarks.synthetic import make_ct_series
+from dicom_node.synthetic import make_ct_series
 
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
 

@@ -241,6 +241,7 @@ def test_compressed_object_goes_uncompressed_to_a_pacs_that_takes_only_little_en
         assert np.array_equal(received.pixel_array, expected[str(received.SOPInstanceUID)])
 
 
+@pytest.mark.dcmtk
 def test_implicit_only_scp_gets_implicit_vr(sqlite_engine, storage, make_settings, tmp_path: Path) -> None:
     """DCMTK storescp +xi accepts Implicit VR Little Endian only; our files are Explicit."""
     require_tool("storescp")

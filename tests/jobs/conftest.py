@@ -22,7 +22,7 @@ from pydicom import dcmread
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGBaseline8Bit, generate_uid
 
-from tests.conftest import REPO, free_port, require_tool
+from tests.conftest import REPO, free_port, require_marker, require_tool
 
 # Small, fast tasks for the tiny model (a few tokens each).
 FAST_RULES: list[dict[str, Any]] = [
@@ -106,6 +106,7 @@ def _rabbitmqctl(*args: str, attempts: int = 3) -> None:
 @pytest.fixture
 def rabbit_vhost(amqp_url: str) -> Iterator[str]:
     """A private vhost (queues have fixed names, so parallel runs must not share one); deleted after."""
+    require_marker("rabbitmq", "RabbitMQ")
     name = f"unimedvl-test-{uuid.uuid4().hex[:10]}"
     try:
         _rabbitmqctl("add_vhost", name)
@@ -116,7 +117,7 @@ def rabbit_vhost(amqp_url: str) -> Iterator[str]:
         subprocess.run(["rabbitmqctl", "delete_vhost", name], capture_output=True, timeout=60)
 
 
-@pytest.fixture(params=["embedded", "rabbitmq"])
+@pytest.fixture(params=["embedded", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])
 def broker_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "embedded":
         return f"sqla+sqlite:///{tmp_path / 'broker.db'}"
@@ -159,13 +160,13 @@ def complete_all(engine: Any, settings: Any) -> list[Any]:
 
 
 def cr_study(folder: Path, seed: int = 0) -> list[Path]:
-    from benchmarks.synthetic import make_cr
+    from dicom_node.synthetic import make_cr
 
     return [make_cr(folder, rows=64, cols=64, seed=seed, study_uid=generate_uid())]
 
 
 def ct_study(folder: Path, slices: int = 3) -> list[Path]:
-    from benchmarks.synthetic import make_ct_series
+    from dicom_node.synthetic import make_ct_series
 
     return make_ct_series(folder, slices, rows=32, cols=32, study_uid=generate_uid())
 
@@ -207,10 +208,10 @@ def undecodable_cr(folder: Path) -> list[Path]:
 
 
 class WorkerProcess:
-    """A real worker (`python -m inference.worker`) in its own process group; killed at cleanup."""
+    """A real worker (`python -m dicom_node.jobs.worker`) in its own process group; killed at cleanup."""
 
     def __init__(self, settings: Any, log: Path, *, celery_cli: bool = False) -> None:
-        from inference.worker import start_embedded_worker
+        from dicom_node.jobs.worker import start_embedded_worker
 
         self.log = log
         self._fh = open(log, "ab")  # noqa: SIM115 - closed in kill()/stop()
@@ -228,7 +229,7 @@ class WorkerProcess:
         cmd = [
             str(Path(sys.executable).with_name("celery")),
             "-A",
-            "inference.celery_app",
+            "dicom_node.jobs.celery_app",
             "worker",
             "-Q",
             "unimedvl.understanding,unimedvl.generation",
@@ -256,7 +257,7 @@ class WorkerProcess:
         self._fh.close()
 
     def stop(self) -> None:
-        from inference.worker import stop_worker
+        from dicom_node.jobs.worker import stop_worker
 
         stop_worker(self.proc, timeout=15)
         self._fh.close()

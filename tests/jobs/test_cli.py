@@ -17,8 +17,8 @@ from dicom_node.jobs import Planner, retry_jobs
 from dicom_node.jobs.api import jobs_router
 from dicom_node.jobs.cli import register
 from dicom_node.jobs.runner import claim, fail
+from dicom_node.jobs.worker import pin_device, queues_for
 from dicom_node.routing import parse_rules
-from inference.worker import pin_device, queues_for
 from tests.jobs.conftest import FAST_RULES, complete_all, cr_study, ingest, write_config
 
 

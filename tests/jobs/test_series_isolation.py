@@ -23,11 +23,11 @@ from sqlmodel import Session, select
 from dicom_node.config import load_config
 from dicom_node.db import init_db, make_engine
 from dicom_node.jobs import DONE, FAILED, PLANNED, Job, JobOutput, Planner, retry_jobs
+from dicom_node.jobs.context import WorkerContext
 from dicom_node.jobs.metrics import JobCollector
 from dicom_node.jobs.runner import RAN_DONE, RAN_FAILED, RETRYING, execute_job
 from dicom_node.routing import parse_rules
 from dicom_node.storage import Storage
-from inference.worker import WorkerContext
 from tests.jobs.conftest import complete_all, ct_study, ingest, write_config
 
 RULES = [

@@ -1,7 +1,7 @@
 """Real worker processes on both brokers: end to end, crashes, broker restarts, bad input, retry.
 
 Studies arrive through the node (C-STORE over pynetdicom or its ingest path), complete, are
-planned into jobs, and a real `python -m inference.worker` process runs them with the tiny
+planned into jobs, and a real `python -m dicom_node.jobs.worker` process runs them with the tiny
 model; results must be in storage and in the outbox exactly once.
 """
 
@@ -105,7 +105,7 @@ def test_node_to_worker_end_to_end_with_a_bad_study_and_retry(
 ) -> None:
     """C-STORE -> completion -> plan -> worker -> storage + outbox -> Orthanc; undecodable pixels fail alone.
 
-    On RabbitMQ the worker is the plain `celery -A inference.celery_app worker` command.
+    On RabbitMQ the worker is the plain `celery -A dicom_node.jobs.celery_app worker` command.
     """
     from dicom_node.export import DONE as SENT
     from dicom_node.export import Exporter
@@ -200,7 +200,9 @@ def test_node_to_worker_end_to_end_with_a_bad_study_and_retry(
     "setup",
     [
         pytest.param(("embedded", "sqlite"), id="embedded-sqlite"),
-        pytest.param(("rabbitmq", "postgres"), id="rabbitmq-postgres"),
+        pytest.param(
+            ("rabbitmq", "postgres"), id="rabbitmq-postgres", marks=[pytest.mark.rabbitmq, pytest.mark.postgres]
+        ),
     ],
 )
 def test_worker_killed_mid_task_outputs_exactly_once(

@@ -175,8 +175,7 @@ class NodeProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60) -> NodeProcess:
-        exe = Path(sys.executable).with_name("unimedvl")
-        cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "dicom_node.cli"]
+        cmd = [sys.executable, "-m", "dicom_node.cli"]  # this interpreter: no console script needed
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         self._fh = open(self.log, "ab")  # noqa: SIM115 - closed in kill()/stop()
         self.proc = subprocess.Popen(

@@ -8,7 +8,7 @@ import pydicom
 import pytest
 from pydicom import Dataset
 
-from benchmarks.synthetic import make_cr, make_ct_series
+from dicom_node.synthetic import make_cr, make_ct_series
 from inference.preprocess import sort_slices
 from sr_writers import write
 from tests.conftest import require_tool

@@ -12,7 +12,7 @@ import pytest
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless
 
-from benchmarks.synthetic import make_cr, make_ct_series
+from dicom_node.synthetic import make_cr, make_ct_series
 from inference.pipelines import PipelineError, run_task
 from inference.preprocess import apply_window, mask_from_output, resample_to_source, series_to_images
 from sr_writers import read_masks, to_bytes

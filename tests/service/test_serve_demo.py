@@ -132,6 +132,7 @@ def orthanc_modalities(pacs: OrthancServer, study_uid: str) -> dict[str, int]:
     return counts
 
 
+@pytest.mark.orthanc
 def test_serve_and_demo_deliver_every_object_type_to_orthanc(tmp_path: Path, serve_factory) -> None:
     require_tool("Orthanc")
     with OrthancServer(tmp_path / "orthanc") as pacs:
@@ -159,6 +160,7 @@ def test_serve_and_demo_deliver_every_object_type_to_orthanc(tmp_path: Path, ser
         assert "DEMO^0001" not in serve.log.read_text()  # no PHI in the logs
 
 
+@pytest.mark.orthanc
 def test_restart_resumes_queued_jobs_and_unsent_outputs(tmp_path: Path, serve_factory) -> None:
     require_tool("Orthanc")
     pacs_port = free_port()

@@ -129,14 +129,70 @@ def test_retired_sop_class_is_accepted_and_written_in_its_successor(provenance, 
     assert dciodvfy(path)[0] != "" and not unexpected_dciodvfy(path)  # the current IOD, no findings
 
 
-def test_multi_frame_sources_are_refused_with_the_reason(provenance):
-    enhanced = build_sources("enhanced_ct_real")
-    with pytest.raises(UnsupportedSourceError, match="multi-frame .* with 2 frames"):
-        write_derived_series(
-            DerivedImages({str(enhanced[0].SOPInstanceUID): np.zeros((32, 32))}, "x"), enhanced, provenance
-        )
-    cine = _us_8bit()
-    cine[0].NumberOfFrames = 3
-    with pytest.raises(UnsupportedSourceError, match="single-frame sources only") as err:
-        write_derived_series(DerivedImages({str(cine[0].SOPInstanceUID): np.zeros((96, 128))}, "x"), cine, provenance)
+def _cine(photometric: str = "MONOCHROME2", frames: int = 3) -> pydicom.Dataset:
+    """The us_8bit image as a multi-frame US cine (Ultrasound Multi-frame Image Storage)."""
+    src = _us_8bit()[0]
+    grey = src.pixel_array
+    stack = np.stack([np.roll(grey, 5 * f, axis=1) for f in range(frames)])
+    if photometric != "MONOCHROME2":
+        stack = np.repeat(stack[..., None], 3, axis=-1)
+        src.SamplesPerPixel, src.PhotometricInterpretation, src.PlanarConfiguration = 3, photometric, 0
+    src.SOPClassUID = "1.2.840.10008.5.1.4.1.1.3.1"
+    src.file_meta.MediaStorageSOPClassUID = src.SOPClassUID
+    src.NumberOfFrames, src.FrameTime = frames, 33.3
+    src.FrameIncrementPointer = pydicom.tag.Tag("FrameTime")
+    src.PixelData = stack.tobytes()
+    return src
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "RGB"])
+def test_us_cine_gives_a_multi_frame_derived_image(photometric, provenance, tmp_path):
+    src = _cine(photometric)
+    src_path = write(copy.deepcopy(src), tmp_path / "source.dcm")
+    values = src.pixel_array.astype(float) + 10
+    [d] = write_derived_series(DerivedImages({str(src.SOPInstanceUID): values}, "translate"), [src], provenance)
+    back = _reread(d)
+    assert (back.SOPClassUID, back.NumberOfFrames, back.BitsAllocated) == (src.SOPClassUID, 3, 8)
+    assert back.PhotometricInterpretation == photometric
+    assert np.array_equal(back.pixel_array, np.clip(np.rint(values), 0, 255).astype(np.uint8))
+    assert not _new_errors(write(d, tmp_path / "derived.dcm"), src_path)
+
+
+@pytest.mark.parametrize("case", ["enhanced_ct_real", "legacy_enhanced_ct"])
+def test_enhanced_sources_give_enhanced_derived_images_with_per_frame_geometry(case, provenance, tmp_path):
+    from pydicom.pixels import apply_modality_lut
+
+    sources = build_sources(case)
+    src = sources[0]
+    src_path = write(copy.deepcopy(src), tmp_path / "source.dcm")
+    frames = int(src.NumberOfFrames)
+    modality = np.stack([apply_modality_lut(f, src) for f in src.pixel_array.reshape(frames, src.Rows, src.Columns)])
+    for label, pixels in (("translate", 500 - modality), ("super_resolve", np.kron(modality, np.ones((1, 2, 2))))):
+        by_frame = {(str(src.SOPInstanceUID), n + 1): pixels[n] for n in range(frames)}
+        [d] = write_derived_series(DerivedImages(by_frame, label), sources, provenance)
+        back = _reread(d)
+        assert (back.SOPClassUID, back.NumberOfFrames) == (src.SOPClassUID, frames)
+        assert back.ImageType[0] == "DERIVED"
+        assert np.array_equal(back.pixel_array.reshape(pixels.shape), np.rint(pixels)), label
+        scale = pixels.shape[1] / int(src.Rows)
+        for n, (old, new) in enumerate(
+            zip(src.PerFrameFunctionalGroupsSequence, back.PerFrameFunctionalGroupsSequence, strict=True)
+        ):
+            ref = new.DerivationImageSequence[0].SourceImageSequence[0]
+            assert (ref.ReferencedSOPInstanceUID, int(ref.ReferencedFrameNumber)) == (src.SOPInstanceUID, n + 1)
+            old_ipp = np.array([float(v) for v in old.PlanePositionSequence[0].ImagePositionPatient])
+            new_ipp = np.array([float(v) for v in new.PlanePositionSequence[0].ImagePositionPatient])
+            assert np.allclose(old_ipp, new_ipp, atol=1.0 if scale != 1 else 1e-6)  # moved half a pixel at most
+        spacing = back.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
+        old_spacing = src.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
+        assert [float(v) for v in spacing] == pytest.approx([float(v) / scale for v in old_spacing])
+        assert not _new_errors(write(d, tmp_path / f"{label}.dcm"), src_path), label
+
+
+def test_multi_frame_sources_without_frame_geometry_are_refused_with_the_reason(provenance):
+    ct = build_sources("ct_small_real")
+    ct[0].NumberOfFrames = 2  # frames but no per-frame functional groups to place them
+    with pytest.raises(UnsupportedSourceError, match="no per-frame functional groups") as err:
+        pixels = np.zeros((2, int(ct[0].Rows), int(ct[0].Columns)))
+        write_derived_series(DerivedImages({str(ct[0].SOPInstanceUID): pixels}, "x"), ct, provenance)
     assert isinstance(err.value, SourceError) and isinstance(err.value, ValueError)

@@ -71,6 +71,7 @@ def test_validator_helper_catches_a_broken_object(provenance, tmp_path, tools):
     assert subprocess.run(["dciodvfy", "-new", str(path)], capture_output=True).returncode != 0
 
 
+@pytest.mark.dcmtk
 @pytest.mark.parametrize("case", ["random", "ct_small_real"])
 def test_study_consistency_with_dcentvfy(case, provenance, tmp_path):
     """dcentvfy compares patient/study attributes across the study: sources plus every object."""

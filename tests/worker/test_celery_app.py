@@ -9,7 +9,7 @@ from pathlib import Path
 from celery import Celery
 from kombu import Connection
 
-from inference import celery_app as ca
+from dicom_node.jobs import celery_app as ca
 
 
 def test_relative_embedded_broker_path_is_resolved(tmp_path: Path) -> None:
@@ -68,7 +68,7 @@ def test_rabbitmq_queues_are_quorum_with_dead_lettering(amqp_url: str) -> None:
 
 def test_embedded_transport_polls_fast(tmp_path: Path) -> None:
     """A worker on the embedded broker picks a job up within ~0.1 s, not kombu's default 1 s."""
-    from inference.embedded_broker import ALIAS, Transport
+    from dicom_node.jobs.embedded_broker import ALIAS, Transport
 
     app = ca.configure(Celery("t3"), ca.resolve_broker_url(f"sqla+sqlite:///{tmp_path}/b.db"))
     assert app.conf.broker_url.startswith(f"{ALIAS}+sqlite:///")

@@ -12,7 +12,7 @@ message, and results go to the DB and storage, never to a result backend); the b
 says "job N is ready". That is what makes the embedded transport safe too: it hides a message
 when a worker takes it, so a worker killed mid-task is covered by the planner's re-publishing
 of stale jobs, not by the broker.
-`celery -A inference.celery_app worker` works with UNIMEDVL_BROKER__URL set.
+`celery -A dicom_node.jobs.celery_app worker` works with UNIMEDVL_BROKER__URL set.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def declare_dead_letter_queue(app: Celery) -> None:
 
 
 def configure(app: Celery, broker_url: str, *, consumer_timeout_ms: int = DEFAULT_CONSUMER_TIMEOUT_MS) -> Celery:
-    from inference.embedded_broker import embedded_url
+    from dicom_node.jobs.embedded_broker import embedded_url
 
     amqp = is_amqp(broker_url)
     app.conf.update(
@@ -113,7 +113,7 @@ def configure(app: Celery, broker_url: str, *, consumer_timeout_ms: int = DEFAUL
         worker_prefetch_multiplier=1,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
-        # The embedded transport polls its table every 0.1 s (inference.embedded_broker).
+        # The embedded transport polls its table every 0.1 s (dicom_node.jobs.embedded_broker).
         broker_transport_options={"confirm_publish": True, "max_retries": 5} if amqp else {},
         broker_pool_limit=4,
     )
@@ -121,7 +121,7 @@ def configure(app: Celery, broker_url: str, *, consumer_timeout_ms: int = DEFAUL
 
 
 app = configure(
-    # include: `celery -A inference.celery_app worker` registers unimedvl.run_job and run_batch_item.
-    Celery("unimedvl", include=["inference.tasks", "dicom_node.batch.task"]),
+    # include: `celery -A dicom_node.jobs.celery_app worker` registers unimedvl.run_job and the batch task.
+    Celery("unimedvl", include=["dicom_node.jobs.tasks", "dicom_node.batch.task"]),
     resolve_broker_url(os.environ.get("UNIMEDVL_BROKER__URL", DEFAULT_BROKER_URL)),
 )

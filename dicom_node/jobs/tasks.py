@@ -12,21 +12,18 @@ from __future__ import annotations
 
 from celery.signals import worker_process_init
 
-from inference.celery_app import app
+from dicom_node.jobs.celery_app import app
+from dicom_node.jobs.context import current_context
 
 RUN_JOB = "unimedvl.run_job"
 
 
 @app.task(name=RUN_JOB, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def run_job(job_id: int) -> str:
-    from inference.worker import current_context
-
     return current_context().run(int(job_id))
 
 
 @worker_process_init.connect
 def _warm_model(**_: object) -> None:
     """Load the model in each new pool child right away (in a thread: Celery times out slow inits)."""
-    from inference.worker import current_context
-
     current_context().warm_up_in_background()

@@ -1,0 +1,160 @@
+"""A worker process's state: its settings, DB engine, storage and the warm model.
+
+Celery's pool child builds one `WorkerContext` on first use (`current_context`) and keeps it
+for its life: the model loads once, in a background thread right after the child starts
+(`warm_up_in_background`), or on the first job. `WorkerContext.run(job_id)` runs one job
+through `dicom_node.jobs.runner.execute_job` (claim, lease, output transaction) with the
+model work done by `inference.pipelines.run_task` (datasets in, datasets out).
+
+The settings come from `set_settings` (called by `run_worker` before the pool forks) or, for a
+plain `celery -A dicom_node.jobs.celery_app worker`, from `UNIMEDVL_CONFIG` (or
+./unimedvl.toml, or the embedded defaults) plus `UNIMEDVL_*` environment overrides.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom import Dataset
+
+from dicom_node.db import make_engine
+from dicom_node.jobs.runner import Output, execute_job, failure_reason
+from dicom_node.storage import Storage
+
+log = logging.getLogger("dicom_node.jobs.context")
+
+CONFIG_ENV = "UNIMEDVL_CONFIG"
+DEVICE_ENV = "UNIMEDVL_WORKER_DEVICE"
+
+
+def _resolve_device(device: str) -> str:
+    if device in ("", "auto"):
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+@dataclass
+class WorkerContext:
+    """Per-process state of a worker: settings, DB engine, storage and the warm model."""
+
+    settings: Any
+    device: str | None = None
+    parts: str = "all"
+
+    def __post_init__(self) -> None:
+        self.db = make_engine(self.settings.database.url)
+        self.storage = Storage(self.settings.storage.path, self.settings.storage.min_free_bytes)
+        self._engine: Any = None
+        self._engine_error: BaseException | None = None
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ model
+
+    def engine(self) -> Any:
+        """The engine, loaded on first use and kept for the life of the process."""
+        with self._lock:
+            if self._engine is None:
+                self._engine = self._load()
+            return self._engine
+
+    def _load(self) -> Any:
+        from inference.engine.api import load_engine
+
+        m = self.settings.model
+        device = _resolve_device(self.device or os.environ.get(DEVICE_ENV) or m.device)
+        dtype = None if m.dtype in ("", "auto") else m.dtype
+        started = time.monotonic()
+        engine = load_engine(m.path, device=device, dtype=dtype, parts=self.parts, attention=m.attention)
+        if m.encoders != "torch":
+            from inference.onnx.accelerate import accelerate_engine
+
+            accelerate_engine(engine, m.encoders, m.cache_dir)
+        log.info("model loaded in %.1f s on %s (%s)", time.monotonic() - started, device, engine.info.get("model_name"))
+        return engine
+
+    def warm_up_in_background(self) -> None:
+        def work() -> None:
+            try:
+                self.engine()
+            except Exception:
+                log.exception("loading the model failed (the first job handed to this worker stops it)")
+
+        threading.Thread(target=work, name="model-warm-up", daemon=True).start()
+
+    # ------------------------------------------------------------------ jobs
+
+    def destinations(self, job: Any) -> list[str]:
+        configured = [d.name for d in self.settings.destinations]
+        wanted = job.params.get("destinations")
+        return list(wanted) if wanted else configured
+
+    def run_pipeline(self, job: Any, datasets: list[Dataset]) -> tuple[list[Output], str | None, dict[str, Any] | None]:
+        from inference.pipelines import run_task
+
+        engine = self.engine()
+        out = run_task(job.kind, datasets, job.params, engine)
+        outputs = [Output(o.dataset, o.kind, o.source_series_uid) for o in out.objects]
+        return outputs, out.summary, dict(out.model) or dict(engine.info)
+
+    def run(self, job_id: int) -> str:
+        try:
+            self.engine()
+        except Exception as exc:
+            # A worker that cannot load its model must not fail the studies it is handed: leave
+            # the job untouched (no attempt counted), put the message back and stop this worker,
+            # so the operator (or systemd/Kubernetes restarting it) sees the error.
+            log.critical("the model cannot be loaded (%s); this worker stops without taking jobs", failure_reason(exc))
+            _stop_worker_process()
+            from celery.exceptions import Reject
+
+            raise Reject(f"model not loadable: {failure_reason(exc)}", requeue=True) from None
+        return execute_job(self.db, self.storage, job_id, self.run_pipeline, self.destinations)
+
+
+def _stop_worker_process() -> None:
+    """Ask the Celery main process to shut down (warm): the pool parent, or this process with the solo pool."""
+    try:
+        from billiard.process import current_process
+
+        in_pool_child = current_process().name.startswith("ForkPoolWorker")
+    except Exception:
+        in_pool_child = False
+    os.kill(os.getppid() if in_pool_child else os.getpid(), signal.SIGTERM)
+
+
+_context: WorkerContext | None = None
+_context_pid: int | None = None
+_context_lock = threading.Lock()
+_settings: Any = None
+
+
+def set_settings(settings: Any, device: str | None = None, parts: str = "all") -> None:
+    """Settings for the contexts this process (and its forked children) will build."""
+    global _settings, _context, _context_pid
+    _settings = (settings, device, parts)
+    _context = None
+    _context_pid = None
+
+
+def current_context() -> WorkerContext:
+    """This process's context, built on first use (a forked child builds its own DB pool)."""
+    global _context, _context_pid
+    with _context_lock:
+        if _context is None or _context_pid != os.getpid():
+            if _settings is not None:
+                settings, device, parts = _settings
+            else:
+                from dicom_node.config import load_config
+
+                settings, device, parts = load_config(os.environ.get(CONFIG_ENV) or None), None, "all"
+            _context = WorkerContext(settings, device=device, parts=parts)
+            _context_pid = os.getpid()
+        return _context
