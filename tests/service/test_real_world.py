@@ -147,7 +147,7 @@ def write_config(folder: Path) -> Path:
 
 def phi_study(folder: Path) -> Path:
     """A 3-slice CT and a CR in one study carrying the PHI probe values."""
-    from benchmarks.synthetic import make_cr, make_ct_series
+    from dicom_node.synthetic import make_cr, make_ct_series
 
     study_uid = generate_uid()
     files = make_ct_series(folder, 3, 32, 32, study_uid=study_uid)
