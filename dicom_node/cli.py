@@ -47,6 +47,9 @@ def _run_service(config: Path | None, *, api: bool, embedded_worker: bool) -> No
 
     settings = _load(config)
     setup_logging()
+    from dicom_node.logs import guard_phi
+
+    guard_phi(settings.node.log_phi)
     from dicom_node.service import Service
 
     log = logging.getLogger("dicom_node.cli")

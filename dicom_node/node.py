@@ -20,7 +20,7 @@ from dicom_node.completion import CompletionMonitor
 from dicom_node.config import Settings
 from dicom_node.db import init_db, make_engine
 from dicom_node.ingest import Ingest
-from dicom_node.logs import kv, setup_logging
+from dicom_node.logs import guard_phi, kv, setup_logging
 from dicom_node.metrics import observe_completion
 from dicom_node.reconcile import reconcile
 from dicom_node.scp import ActiveAssociations, Listener
@@ -50,6 +50,7 @@ def make_ingest(settings: Settings, engine: Any = None) -> Ingest:
 def _listener_process(settings: Settings, slot: int, shared: Any, ready: Any) -> None:
     """Entry point of one listener process (spawned)."""
     setup_logging()
+    guard_phi(settings.node.log_phi)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

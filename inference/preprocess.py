@@ -75,6 +75,28 @@ class ModelImage:
 # --------------------------------------------------------------------------- decoding
 
 
+def frame_count(ds: Dataset) -> int:
+    """NumberOfFrames as an int (1 when absent or empty).
+
+    Raises PreprocessError for a value that is no positive integer (real files carry e.g. '1A')."""
+    raw = ds.get("NumberOfFrames", 1)
+    try:
+        n = int(str(raw).strip() or 1) if raw is not None else 1
+    except ValueError:
+        raise PreprocessError(f"NumberOfFrames {str(raw)[:16]!r} is not a number") from None
+    if n < 1:
+        raise PreprocessError(f"NumberOfFrames {n} is not a positive number")
+    return n
+
+
+def _instance_number(ds: Dataset) -> int:
+    """InstanceNumber for ordering; a malformed or missing value sorts first (0)."""
+    try:
+        return int(str(ds.get("InstanceNumber", 0) or 0).strip() or 0)
+    except ValueError:
+        return 0
+
+
 def decode_frames(ds: Dataset) -> np.ndarray:
     """All frames as float32 (F, R, C) or (F, R, C, 3) after the modality LUT (rescale).
 
@@ -88,7 +110,7 @@ def decode_frames(ds: Dataset) -> np.ndarray:
     except Exception as exc:  # every codec raises its own type
         ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
         raise PreprocessError(f"cannot decode pixel data (transfer syntax {ts}): {exc}") from exc
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    frames = frame_count(ds)
     samples = int(ds.get("SamplesPerPixel", 1))
     if frames == 1:
         arr = arr[np.newaxis]
@@ -240,7 +262,7 @@ def sort_slices(datasets: Sequence[Dataset]) -> list[Dataset]:
     if all(p is not None for p in positions):
         order = sorted(range(len(datasets)), key=lambda i: positions[i])  # type: ignore[arg-type, return-value]
     else:
-        order = sorted(range(len(datasets)), key=lambda i: int(datasets[i].get("InstanceNumber", 0) or 0))
+        order = sorted(range(len(datasets)), key=lambda i: _instance_number(datasets[i]))
     return [datasets[i] for i in order]
 
 
@@ -378,8 +400,8 @@ def series_to_images(
     multi-frame objects apply `slices` to their frames. Pixels are decoded only for the
     selected slices.
     """
-    single = [d for d in datasets if int(d.get("NumberOfFrames", 1) or 1) == 1]
-    multi = [d for d in datasets if int(d.get("NumberOfFrames", 1) or 1) > 1]
+    single = [d for d in datasets if frame_count(d) == 1]
+    multi = [d for d in datasets if frame_count(d) > 1]
     out: list[ModelImage] = []
     ordered = sort_slices(single)
     for i in select_indices(len(ordered), slices):

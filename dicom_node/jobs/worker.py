@@ -182,6 +182,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=args.loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for chatty in ("highdicom", "alembic"):  # per-object INFO lines of libraries, not job events
         logging.getLogger(chatty).setLevel(logging.WARNING)
+    from dicom_node.logs import guard_phi
+
+    guard_phi(settings.node.log_phi)  # library warnings and exception texts can quote patient data
     run_worker(settings, args.device, args.queue, args.concurrency, loglevel=args.loglevel)
 
 

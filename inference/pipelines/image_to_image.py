@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 from pydicom import Dataset
 
-from inference.preprocess import ModelImage, Window, resample_to_source
+from inference.preprocess import ModelImage, Window, frame_count, resample_to_source
 from sr_writers import Code, DerivedImages, Provenance, write_derived_series
 
 from .base import (
@@ -72,8 +72,12 @@ def run_image_to_image(
     out: PipelineOutput,
     progress: Progress | None = None,
 ) -> None:
+    """One series -> a derived series (translate or super_resolve) in the source SOP class and grid.
+
+    Raises PipelineError (errors.py) for colour or multi-frame sources, undecodable pixels, an
+    engine refusal or a source the writer cannot carry; other exceptions are bugs and propagate."""
     kind = params.kind
-    if any(int(d.get("NumberOfFrames", 1) or 1) > 1 for d in series.datasets):
+    if any(frame_count(d) > 1 for d in series.datasets):
         raise PipelineError(f"{kind} writes derived series for single-frame sources only; this series is multi-frame")
     photometric = {str(d.get("PhotometricInterpretation", "")) for d in series.datasets}
     if not photometric <= {"MONOCHROME1", "MONOCHROME2"}:

@@ -90,6 +90,11 @@ def run_report(
     out: PipelineOutput,
     progress: Progress | None = None,
 ) -> None:
+    """One series -> an Enhanced SR with the model's Findings/Impression (TID 2000 style).
+
+    Raises PipelineError (errors.py) for input the task cannot use: undecodable pixels, an image
+    the engine refuses, an empty report, a source the SR writer cannot carry. Other exceptions
+    are bugs and propagate."""
     images = _at_most(prepare_images(series, params, out), out)
     report_progress(progress, 0, 1)
     with readable_errors("report generation"):
@@ -130,6 +135,9 @@ def run_vqa(
     out: PipelineOutput,
     progress: Progress | None = None,
 ) -> None:
+    """One series -> an Enhanced SR with a Question/Answer TEXT pair per configured question.
+
+    Raises PipelineError (errors.py) for input errors as run_report does; other exceptions propagate."""
     images = _at_most(prepare_images(series, params, out), out)
     pixels = [img.pixels for img in images]
     pairs: list[tuple[str, str]] = []

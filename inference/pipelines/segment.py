@@ -19,8 +19,8 @@ from pydicom import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
 
-from inference.preprocess import ModelImage, mask_from_output
-from sr_writers import Provenance, Segment, SegmentationResult, SourceError, write_measurements_sr, write_seg
+from inference.preprocess import ModelImage, frame_count, mask_from_output
+from sr_writers import Provenance, Segment, SegmentationResult, write_measurements_sr, write_seg
 from sr_writers.geometry import source_geometry
 from sr_writers.results import SourceFrameKey
 
@@ -104,23 +104,18 @@ def run_segment(
     out: PipelineOutput,
     progress: Progress | None = None,
 ) -> None:
-    multiframe = any(int(d.get("NumberOfFrames", 1) or 1) > 1 for d in series.datasets)
+    """One series -> a SEG (BINARY or LABELMAP) on the source grid and a TID 1500 measurement SR.
+
+    Raises PipelineError (errors.py) when the source cannot carry a SEG (no Frame of Reference,
+    no geometry, mixed multi-frame), its pixels cannot be decoded or the engine refuses the input;
+    other exceptions are bugs and propagate."""
+    multiframe = any(frame_count(d) > 1 for d in series.datasets)
     if multiframe and len(series.datasets) != 1:
         raise PipelineError("a series mixing multi-frame objects with other instances cannot be segmented as one")
     with readable_errors("checking the source geometry"):
-        try:
-            source_geometry(series.datasets)
-        except SourceError as exc:
-            # The writer's wording ("need one common FrameOfReferenceUID") reads as if several
-            # disagreed; when the source has none at all, say so.
-            if "FrameOfReferenceUID" in str(exc) and any(
-                not str(d.get("FrameOfReferenceUID", "") or "") for d in series.datasets
-            ):
-                raise PipelineError(
-                    "the source series has no Frame of Reference UID (FrameOfReferenceUID is missing or "
-                    "empty), so a segmentation cannot be placed on it"
-                ) from exc
-            raise  # before any model time is spent: can a SEG be placed at all?
+        # Before any model time is spent: can a SEG be placed at all? (The writer says when the
+        # source has no Frame of Reference.)
+        source_geometry(series.datasets)
     images = prepare_images(series, params, out)
     masks: dict[SourceFrameKey, np.ndarray] = {}
     total, done = len(images) * len(params.targets), 0
@@ -145,7 +140,7 @@ def run_segment(
         out.note(f"LABELMAP: {reassigned} pixel(s) found for several targets were given to the first listed target")
     if multiframe:
         sources = series.datasets
-        n_frames = int(series.datasets[0].NumberOfFrames)
+        n_frames = frame_count(series.datasets[0])
         partial = len(images) < n_frames
         if partial:
             out.note(f"segmented {len(images)} of {n_frames} frames (slices={params.slices!r}); the others are empty")

@@ -25,6 +25,10 @@ def run_synthesize(
     out: PipelineOutput,
     progress: Progress | None = None,
 ) -> None:
+    """The study -> one Secondary Capture (ConversionType SYN) from the task's prompt.
+
+    Raises PipelineError (errors.py) for an engine refusal or a study the writer cannot carry;
+    other exceptions are bugs and propagate."""
     report_progress(progress, 0, 1)
     kwargs: dict = {"steps": params.steps, "seed": params.seed, **params.image_options()}
     if params.size is not None:

@@ -317,3 +317,17 @@ def test_engine_refusals_become_pipeline_errors(engine, ct_series, tmp_path) -> 
     seg = {"kind": "segment", "targets": [{"label": "lesion"}], "slices": "middle", **FAST, "steps": 1}
     with pytest.raises(PipelineError, match=r"segmenting 'lesion': the model refused the input: steps must be >= 2"):
         run_task("segment", ct_series, seg, engine)
+
+
+def test_a_bug_raising_valueerror_is_not_bad_input(ct_series, monkeypatch) -> None:
+    """A numpy broadcast error is a ValueError too: it must propagate as itself (the job layer
+    then treats it as a crash), never become a PipelineError that blames the input."""
+    import inference.preprocess as preprocess
+
+    def broadcast_bug(frame, window, function="LINEAR"):
+        return frame + np.zeros(frame.shape[0] + 1)
+
+    monkeypatch.setattr(preprocess, "apply_window", broadcast_bug)
+    with pytest.raises(ValueError, match="broadcast") as err:
+        run_task("report", ct_series, {"kind": "report", "slices": "middle", **FAST}, engine=None)
+    assert not isinstance(err.value, PipelineError)
