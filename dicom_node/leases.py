@@ -10,7 +10,8 @@ taken over writes nothing. Used by dicom_node/jobs/runner.py (a job per claim) a
 dicom_node/export/outbox.py (a batch of rows per claim).
 
 The model passed in is any SQLModel table with `claim_token` (text) and `lease_until`
-(aware UTC datetime) columns.
+(aware UTC datetime) columns. Times are aware UTC datetimes, durations seconds. Database errors
+(SQLAlchemy's) propagate from every function; `LeaseKeeper` logs them and tries again.
 """
 
 from __future__ import annotations
