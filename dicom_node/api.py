@@ -239,6 +239,9 @@ def create_app(
     except ImportError:  # pragma: no cover
         log.info("outbox API not available")
 
+    from dicom_node.jobs.metrics import JobCollector
+
+    collectors.append(JobCollector(engine))
     registry = app_registry(*collectors)
     app.state.metrics_registry = registry
 

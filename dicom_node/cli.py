@@ -278,6 +278,24 @@ def _register_jobs() -> None:
 _register_jobs()
 
 
+def _register_eval() -> None:
+    from dicom_node.eval_cli import register
+
+    register(app)  # `eval`
+
+
+_register_eval()
+
+
+def _register_batch() -> None:
+    from dicom_node.batch.cli import register
+
+    register(app)  # `batch SOURCE --out DIR ...` and `batch status [ID]`
+
+
+_register_batch()
+
+
 @contextmanager
 def _benchmarks_needed() -> Iterator[None]:
     """Around `from benchmarks...` imports: the benchmarks ship with the source tree only, so

@@ -53,6 +53,11 @@ class NodeSettings(_Section):
     duplicate_policy: Literal["keep_first", "replace"] = "keep_first"
     listeners: int = Field(1, ge=1, le=64)  # listener processes sharing the port (SO_REUSEPORT)
     log_phi: bool = False
+    # Connection guard (dicom_node/transport_guard.py): bounds on what a peer can hold.
+    associate_timeout_seconds: float = Field(5.0, gt=0)  # connect -> complete A-ASSOCIATE-RQ
+    pdu_timeout_seconds: float = Field(10.0, gt=0)  # idle between PDUs; also a started PDU's base allowance
+    max_connections_per_host: int = Field(16, ge=1)  # open connections from one remote address
+    accept_private_sop_classes: bool = False  # also accept storage of SOP classes PS3.4 does not define
 
     @field_validator("ae_title")
     @classmethod
@@ -253,6 +258,36 @@ def _format_errors(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def _rule_errors(rules: list[dict[str, Any]] | None) -> list[str]:
+    """`[[rules]]` checked at load time, one line per problem: the rule (index and name), the key
+    and the reason, so a bad rule stops every command with exit 2 instead of a traceback later."""
+    if rules is None:
+        return []
+    from dicom_node.routing import Rule
+
+    lines: list[str] = []
+    names: list[str] = []
+    for i, raw in enumerate(rules):
+        name = raw.get("name") if isinstance(raw, dict) else None
+        label = f'rules[{i}] "{name}"' if name else f"rules[{i}]"
+        try:
+            rule = Rule.model_validate(raw)
+        except ValidationError as exc:
+            for err in exc.errors():
+                key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".")
+                msg = err["msg"].removeprefix("Value error, ")
+                if err["type"] == "extra_forbidden":
+                    msg = "unknown key"
+                elif err["type"] == "missing":
+                    msg = "required key is missing"
+                lines.append(f"  {label}: {key or '(the rule)'}: {msg}")
+            continue
+        names.append(rule.name)
+    for dupe in sorted({n for n in names if names.count(n) > 1}):
+        lines.append(f'  rules "{dupe}": name: used by more than one rule')
+    return lines
+
+
 def load_config(path: str | Path | None = None) -> Settings:
     """Read settings from `path` (or ./unimedvl.toml if present, else defaults) plus the environment."""
     if path is None and Path(DEFAULT_CONFIG_NAME).is_file():
@@ -277,6 +312,9 @@ def load_config(path: str | Path | None = None) -> Settings:
         settings = Settings(**raw, config_path=cfg_path)
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, source + " + UNIMEDVL_* environment")) from None
+    bad_rules = _rule_errors(settings.rules)
+    if bad_rules:
+        raise ConfigError("\n".join([f"invalid routing rules ({source}):", *bad_rules]))
     base = settings.base_dir
     settings.storage.path = _resolve(base, settings.storage.path)
     settings.model.cache_dir = _resolve(base, settings.model.cache_dir)

@@ -65,12 +65,13 @@ def make_engine(url: str, **kw: Any) -> Engine:
 
 
 def schema_metadata() -> MetaData:
-    """The tables the migrations must produce: every SQLModel table of the index, jobs and outbox.
+    """The tables the migrations must produce: every SQLModel table of the index, jobs, outbox and batches.
 
     Alembic's target metadata (migrations/env.py), and what tests/test_schema.py compares the
     migrated database with.
     """
-    import dicom_node.export.models  # noqa: F401  (each import registers its tables)
+    import dicom_node.batch.models  # noqa: F401  (each import registers its tables)
+    import dicom_node.export.models  # noqa: F401
     import dicom_node.jobs.models  # noqa: F401
     import dicom_node.models  # noqa: F401
 

@@ -106,8 +106,44 @@ def print_outputs(timeline: dict[str, Any], console: Console) -> int:
     return failed
 
 
+def unrequested_outputs(settings: Settings) -> list[str]:
+    """What the shipped demo rules would produce for the demo study that the configured
+    `[[rules]]` do not ask for (custom rules replace the shipped ones, demo rules included).
+
+    One line per missing task kind and series, e.g. "segment on the demo CT"; empty when the
+    configured rules ask for everything the shipped ones do."""
+    from dicom_node.routing import SeriesInfo, parse_rules, plan_study
+
+    series = [
+        SeriesInfo(f"demo-{m}", modality=m, series_description=f"{DEMO_SERIES_PREFIX} {m}", calling_ae="UNIMEDVL-DEMO")
+        for m in ("CT", "CR")
+    ]
+
+    def asked(rules: Any) -> set[tuple[str, str]]:
+        return {(t.task.kind, uid) for t in plan_study(parse_rules(rules), series).tasks for uid in t.series}
+
+    missing = asked(None) - asked(settings.rules)
+    order = {k: i for i, k in enumerate(("report", "vqa", "segment", "translate", "super_resolve", "synthesize"))}
+    return [
+        f"{kind} on the demo {uid.removeprefix('demo-')}"
+        for kind, uid in sorted(missing, key=lambda m: (m[1], order.get(m[0], 99)))
+    ]
+
+
+def _say_unrequested(settings: Settings, console: Console) -> None:
+    missing = unrequested_outputs(settings)
+    if missing:
+        console.print(
+            "[yellow]no routing rule asks for: "
+            + "; ".join(missing)
+            + ". The configured [[rules]] replace the shipped ones (demo rules included): copy the demo-ct and"
+            " demo-cr rules from dicom_node/routing.py into the config to get them.[/]"
+        )
+
+
 def run_demo(settings: Settings, *, timeout: float = 900.0, keep: Path | None = None) -> int:
     console = Console()
+    _say_unrequested(settings, console)
     host = "127.0.0.1" if settings.node.host in ("0.0.0.0", "::", "") else settings.node.host
     api_host = "127.0.0.1" if settings.http.host in ("0.0.0.0", "::", "") else settings.http.host
     api = f"http://{api_host}:{settings.http.port}"
@@ -127,4 +163,5 @@ def run_demo(settings: Settings, *, timeout: float = 900.0, keep: Path | None = 
         console.print(f"[red]timed out after {timeout:g} s; see `unimedvl timeline {study_uid}`[/]")
         return 1
     failed = print_outputs(timeline, console)
+    _say_unrequested(settings, console)  # again under the table, where the shortfall shows
     return 1 if failed else 0

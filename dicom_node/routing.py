@@ -179,10 +179,20 @@ def parse_rules(raw: Sequence[dict[str, Any]] | None) -> list[Rule]:
     return rules
 
 
+# Kinds whose output does not depend on any one series: one job for the whole study.
+STUDY_LEVEL_KINDS = frozenset({"synthesize"})
+
+
 def plan_study(rules: Sequence[Rule], series: Sequence[SeriesInfo]) -> StudyPlan:
-    """Tasks for a study: one PlannedTask per (rule, task) with every series it matched."""
+    """Tasks for a study: one PlannedTask per (rule, task, series); study-level kinds
+    (synthesize) get one PlannedTask per (rule, task) with every series it matched.
+
+    The series is the unit of work: a series whose pixels cannot be read fails its own jobs
+    only, a retry re-runs only those, and the idempotency key (which includes the series)
+    keeps re-planning from duplicating outputs.
+    """
     plan = StudyPlan()
-    by_key: dict[tuple[str, int], PlannedTask] = {}
+    by_key: dict[tuple[str, int, str], PlannedTask] = {}
     for s in series:
         matched = False
         for rule in rules:
@@ -192,7 +202,7 @@ def plan_study(rules: Sequence[Rule], series: Sequence[SeriesInfo]) -> StudyPlan
             for i, task in enumerate(rule.tasks):
                 if not task.enabled:
                     continue
-                key = (rule.name, i)
+                key = (rule.name, i, "" if task.kind in STUDY_LEVEL_KINDS else s.series_instance_uid)
                 if key not in by_key:
                     by_key[key] = PlannedTask(rule=rule.name, task=task, series=[])
                 by_key[key].series.append(s.series_instance_uid)

@@ -1,14 +1,20 @@
 """The DICOM listener: C-ECHO and C-STORE SCP on a plain port and (optionally) a TLS port.
 
-pynetdicom does the protocol; this module adds what a gateway needs around it:
-- access control before anything else is negotiated (remote IP allow-list, calling AE
-  allow-list, called AE check), each refusal an A-ASSOCIATE-RJ with the matching reason and a
-  rejection-log row;
+pynetdicom does the protocol, through its public API only (subclassed server with the
+`server_class` argument of `AE.make_server`, event handlers, documented `_config` options set
+explicitly by `configure_dicom_libraries`, never on import). This module adds what a gateway needs
+around it:
+- the connection guard (dicom_node/transport_guard.py) on every accepted socket: per-host
+  connection slots, PDU length limits with A-ABORT, deadlines for the A-ASSOCIATE-RQ and for
+  each PDU, and the access policy (remote IP allow-list, calling AE allow-list, called AE
+  check) applied to the A-ASSOCIATE-RQ before pynetdicom decodes it, each refusal an
+  A-ASSOCIATE-RJ with the matching reason and a rejection-log row;
 - TCP_NODELAY on accepted sockets (pynetdicom does not set it; small C-STORE-RSP PDUs would
   otherwise wait on Nagle + delayed ACK);
 - the TLS handshake in the association's own thread with a timeout, so a silent or plain-text
   client on the TLS port cannot stall the accept loop;
 - SO_REUSEPORT when several listener processes share one port;
+- refused presentation contexts recorded in the rejection log with calling AE and SOP class;
 - the C-STORE handler that hands the raw received bytes to `Ingest` (no decode/re-encode).
 """
 
@@ -16,13 +22,11 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
-import select
 import socket
+import socketserver
 import ssl
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -31,24 +35,25 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
-from pynetdicom import association as _pynetdicom_association
-from pynetdicom.acse import ACSE
-from pynetdicom.presentation import AllStoragePresentationContexts
-from pynetdicom.sop_class import _STORAGE_CLASSES, Verification
-from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import Verification, register_uid, uid_to_service_class
+from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.config import Settings
-from dicom_node.ingest import PROCESSING_FAILURE, Ingest, Peer, Refused, record_rejection, short_ae
+from dicom_node.ingest import (
+    PROCESSING_FAILURE,
+    SOP_CLASS_NOT_SUPPORTED,
+    Ingest,
+    Peer,
+    Refused,
+    record_rejection,
+    short_ae,
+)
 from dicom_node.logs import kv
+from dicom_node.sop_classes import storable, storage_keyword, storage_sop_classes
+from dicom_node.transport_guard import AssociateRequest, ConnectionGuard
 
 log = logging.getLogger("dicom_node.scp")
-
-# Per-PDU/DIMSE logging handlers cost time on every message; we log per association instead.
-_config.LOG_HANDLER_LEVEL = "none"
-# Decode nothing we do not have to.
-_config.STORE_RECV_CHUNKED_DATASET = False
-# Received data is often slightly non-conformant: index what we can without a warning per element.
-pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
 
 PREAMBLE = b"\x00" * 128 + b"DICM"
 
@@ -56,13 +61,6 @@ PREAMBLE = b"\x00" * 128 + b"DICM"
 RJ_NO_REASON = (0x01, 0x01, 0x01)
 RJ_CALLING_AE = (0x01, 0x01, 0x03)
 RJ_CALLED_AE = (0x01, 0x01, 0x07)
-
-
-def storage_sop_classes() -> list[str]:
-    """Every storage SOP class pynetdicom knows: the standard contexts plus its registry."""
-    uids = [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts]
-    uids += [str(u) for u in _STORAGE_CLASSES.values()]
-    return list(dict.fromkeys(uids))
 
 
 class AccessPolicy:
@@ -90,195 +88,11 @@ class AccessPolicy:
         return None
 
 
-# Longest idle wait of a DUL thread in select(); data and our own responses wake it earlier.
-IDLE_WAIT = 0.02
-# Longest idle wait of an association reactor; DIMSE messages and release/abort wake it earlier.
-REACTOR_IDLE_WAIT = 0.02
-
-
-class _ReactorClock:
-    """Stands in for the `time` module inside pynetdicom.association.
-
-    An association's reactor polls its queues with `time.sleep(0.001)` between looks, so every
-    received C-STORE waits up to a millisecond (more on a loaded machine) before its handler
-    runs, and 8 idle associations wake 8,000 times a second to compete for the GIL. In the
-    acceptor threads of this listener that sleep becomes a wait on an event which the arrival
-    of a DIMSE message or of a release/abort primitive sets, so the handler starts at once and
-    an idle reactor wakes only every REACTOR_IDLE_WAIT (timers, kill flag, a dead DUL thread).
-    Every other thread sleeps as before.
-    """
-
-    def __init__(self) -> None:
-        self._local = threading.local()
-
-    def attach(self, *queues: Any) -> None:
-        """Call in the association's own thread: wake its reactor when one of `queues` gets an item."""
-        event = threading.Event()
-        self._local.event = event
-        for q in queues:
-            q.put = _put_and_set(q.put, event)
-
-    def sleep(self, seconds: float) -> None:
-        event = getattr(self._local, "event", None)
-        if event is None:
-            time.sleep(seconds)
-            return
-        # An item put after this clear() sets the event again; one put before it is already in
-        # its queue, which the reactor reads next.
-        event.wait(REACTOR_IDLE_WAIT if seconds <= 0.001 else seconds)
-        event.clear()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(time, name)
-
-
-def _put_and_set(put: Callable[..., None], event: threading.Event) -> Callable[..., None]:
-    def put_and_wake(item: Any, *args: Any, **kwargs: Any) -> None:
-        put(item, *args, **kwargs)
-        event.set()
-
-    return put_and_wake
-
-
-_REACTOR_CLOCK = _ReactorClock()
-_pynetdicom_association.time = _REACTOR_CLOCK  # type: ignore[attr-defined]
-
-
-class GatewayACSE(ACSE):
-    """ACSE that applies the AccessPolicy before pynetdicom's own acceptor negotiation."""
-
-    policy: AccessPolicy
-
-    def _negotiate_as_acceptor(self) -> None:
-        # Runs in the association's thread, before its reactor starts serving DIMSE messages.
-        _REACTOR_CLOCK.attach(self.assoc.dimse.msg_queue, self.assoc.dul.to_user_queue)
-        rq = self.requestor.primitive
-        peer = Peer(
-            calling_ae=short_ae(rq.calling_ae_title),
-            called_ae=short_ae(rq.called_ae_title),
-            remote_ip=str(self.requestor.address),
-        )
-        verdict = self.policy.check(peer)
-        if verdict is None:
-            super()._negotiate_as_acceptor()
-            return
-        rsd, reason, detail = verdict
-        self.requestor.ae_title = rq.calling_ae_title
-        self.assoc._unimedvl_rejected = True  # type: ignore[attr-defined]
-        self.policy.on_reject(reason, detail, peer)  # logged before the peer hears of it
-        self.send_reject(*rsd)
-        evt.trigger(self.assoc, evt.EVT_REJECTED, {})
-        self.assoc.kill()
-
-
-_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
-
-
-def _close_fds(*fds: int) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
-
-class FastAssociationSocket(AssociationSocket):
-    """Reads a PDU with few large recv_into calls and keeps delayed ACKs off.
-
-    pynetdicom reads 4 KiB per recv() call (about 130 calls for one 512 KiB CT slice). And
-    most senders (DCMTK storescu, pynetdicom) leave Nagle on: they write the C-STORE command
-    and the data set as two small segments, and the second waits for our ACK of the first,
-    which Linux delays up to 40 ms. TCP_QUICKACK after each read sends that ACK at once.
-    """
-
-    # A pipe that wakes the DUL thread from its idle select() as soon as a primitive (our
-    # C-STORE-RSP) is queued for sending; -1 until `arm_wakeup` runs.
-    _wake_r = -1
-    _wake_w = -1
-
-    def arm_wakeup(self, dul: Any) -> None:
-        """Make `dul` block on (socket | wake pipe) when idle instead of polling every millisecond.
-
-        pynetdicom's DUL thread sleeps 1 ms between polls, so each incoming C-STORE and each
-        outgoing response waits up to a millisecond (more on a loaded machine) for the next
-        poll. Here it waits in select() on the socket and a pipe that `dul.send_pdu` writes
-        to, so both directions proceed at once; IDLE_WAIT only bounds how late it notices
-        timers and a kill request.
-        """
-        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._wake_r, self._wake_w = r, w
-        # Closed when the socket object is collected, not in close(): the DUL thread may still
-        # be selecting on the pipe then, and a recycled descriptor number must never be read.
-        weakref.finalize(self, _close_fds, r, w)
-        queue_pdu = dul.send_pdu
-
-        def send_pdu(primitive: Any) -> None:
-            queue_pdu(primitive)
-            try:
-                os.write(w, b"\0")
-            except OSError:  # pipe full (a wake-up is pending anyway) or closed
-                pass
-
-        dul.send_pdu = send_pdu
-        dul._run_loop_delay = 0  # the select() below is the idle wait now
-
-    @property
-    def ready(self) -> bool:
-        if self._wake_r < 0:
-            return bool(super().ready)
-        sock = self.socket
-        if sock is None or self._is_connected is False:
-            return False
-        if isinstance(sock, ssl.SSLSocket) and sock.pending():
-            return True
-        try:
-            readable, _, _ = select.select([sock, self._wake_r], [], [], IDLE_WAIT)
-        except (OSError, TimeoutError, ValueError):
-            self.event_queue.put("Evt17")  # transport closed, as pynetdicom does
-            return False
-        if self._wake_r in readable:
-            try:
-                os.read(self._wake_r, 4096)
-            except OSError:
-                pass
-        return sock in readable
-
-    def recv(self, nr_bytes: int) -> bytearray:
-        buf = bytearray(nr_bytes)
-        view = memoryview(buf)
-        got = 0
-        sock = self.socket
-        while got < nr_bytes:
-            n = sock.recv_into(view[got:], min(nr_bytes - got, 1 << 20))
-            if not n:
-                del view
-                return buf[:got]
-            got += n
-        if _QUICKACK is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
-            except OSError:
-                pass
-        return buf
-
-
-class GatewayRequestHandler(RequestHandler):
-    def _create_association(self) -> Any:
-        assoc = super()._create_association()
-        # Same object, faster reads (the class only overrides recv; no extra state).
-        assoc.dul.socket.__class__ = FastAssociationSocket
-        assoc.dul.socket.arm_wakeup(assoc.dul)
-        acse = GatewayACSE(assoc)
-        acse.policy = self.server.policy  # type: ignore[attr-defined]
-        assoc.acse = acse
-        return assoc
-
-
 class GatewayServer(ThreadedAssociationServer):
     """pynetdicom's threaded server with TCP_NODELAY, SO_REUSEPORT and a deferred TLS handshake."""
 
     daemon_threads = True
-    policy: AccessPolicy
+    guard: ConnectionGuard
     reuse_port = False
     handshake_timeout = 30.0
     on_tls_failure: Callable[[str, str], None] | None = None
@@ -291,10 +105,19 @@ class GatewayServer(ThreadedAssociationServer):
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         client, address = self.socket.accept()
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        guarded = self.guard.admit(client, str(address[0]))
+        if guarded is None:  # over its host's slots: closed; socketserver skips an OSError here
+            raise ConnectionRefusedError("too many connections from this host")
         if self.ssl_context:
             # Handshake later, in the connection's thread (process_request_thread).
-            client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
-        return client, address
+            return self.guard.wrap_tls(guarded, self.ssl_context), address
+        return guarded, address
+
+    def shutdown(self) -> None:
+        # socketserver's own shutdown: pynetdicom's also unregisters from the AE's private server
+        # list, which this server was never added to (it is started by Listener, not the AE).
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         if isinstance(request, ssl.SSLSocket):
@@ -383,6 +206,15 @@ class Listener:
         self._stats_lock = threading.Lock()
         self.ae = self._build_ae()
         self.policy = AccessPolicy(settings, self._on_policy_reject)
+        node = settings.node
+        self.guard = ConnectionGuard(
+            max_pdu=node.max_pdu,
+            associate_timeout=node.associate_timeout_seconds,
+            pdu_timeout=node.pdu_timeout_seconds,
+            max_per_host=node.max_connections_per_host,
+            policy=self._check_request,
+            on_refuse=self._on_guard_refuse,
+        )
 
     # ------------------------------------------------------------------ setup
 
@@ -391,15 +223,19 @@ class Listener:
         ae = AE(ae_title=node.ae_title)
         ae.maximum_pdu_size = node.max_pdu
         ae.maximum_associations = node.max_associations
-        # Access control is ours (GatewayACSE): it also records why it refused.
+        # Access control is ours (the guard applies AccessPolicy to the raw A-ASSOCIATE-RQ and
+        # records why it refused).
         ae.require_called_aet = False
         ae.require_calling_aet = []
+        # The A-ASSOCIATE-RQ deadline is the guard's; these bound the rest of the association.
+        ae.acse_timeout = node.associate_timeout_seconds
+        ae.network_timeout = node.pdu_timeout_seconds
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
         for uid in storage_sop_classes():
             ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
         return ae
 
-    def _handlers(self) -> list[Any]:
+    def _evt_handlers(self) -> list[Any]:
         return [
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
@@ -413,26 +249,26 @@ class Listener:
         server_cls = type(
             "BoundGatewayServer",
             (GatewayServer,),
-            {"reuse_port": self.reuse_port, "policy": self.policy, "on_tls_failure": self._on_tls_failure},
+            {"reuse_port": self.reuse_port, "guard": self.guard, "on_tls_failure": self._on_tls_failure},
         )
         server = self.ae.make_server(
             address,
             ae_title=self.settings.node.ae_title,
             contexts=self.ae.supported_contexts,
             ssl_context=ssl_context,
-            evt_handlers=self._handlers(),
+            evt_handlers=self._evt_handlers(),
             server_class=server_cls,
-            request_handler=GatewayRequestHandler,
         )
         return server  # type: ignore[return-value]
 
     def start(self) -> None:
+        configure_dicom_libraries(accept_private=self.settings.node.accept_private_sop_classes)
         node = self.settings.node
+        self.guard.start()
         self.servers.append(self._make_server(node.port, None))
         if node.tls_port:
             self.servers.append(self._make_server(node.tls_port, build_ssl_context(self.settings)))
         for server in self.servers:
-            self.ae._servers.append(server)
             t = threading.Thread(target=server.serve_forever, name=f"listener:{server.server_address[1]}", daemon=True)
             t.start()
             self._threads.append(t)
@@ -459,6 +295,7 @@ class Listener:
         for assoc in self.ae.active_associations:
             assoc.abort()
         self.servers.clear()
+        self.guard.stop()
 
     # ------------------------------------------------------------------ events
 
@@ -472,6 +309,25 @@ class Listener:
     def _on_policy_reject(self, reason: str, detail: str, peer: Peer) -> None:
         record_rejection(self.ingest.engine, stage="association", reason=reason, detail=detail, peer=peer)
 
+    def _check_request(self, rq: AssociateRequest) -> tuple[int, int, int] | None:
+        """The guard's policy hook: the A-ASSOCIATE-RJ (result, source, reason) or None to go on."""
+        peer = Peer(calling_ae=short_ae(rq.calling_ae), called_ae=short_ae(rq.called_ae), remote_ip=rq.remote_ip)
+        verdict = self.policy.check(peer)
+        if verdict is None:
+            return None
+        rsd, reason, detail = verdict
+        self._on_policy_reject(reason, detail, peer)  # recorded before the peer hears of it
+        return rsd
+
+    def _on_guard_refuse(self, reason: str, detail: str, remote_ip: str) -> None:
+        record_rejection(
+            self.ingest.engine,
+            stage="association",
+            reason=reason,
+            detail=detail,
+            peer=Peer(calling_ae="", called_ae="", remote_ip=remote_ip),
+        )
+
     def _on_tls_failure(self, remote_ip: str, error: str) -> None:
         record_rejection(
             self.ingest.engine,
@@ -482,8 +338,6 @@ class Listener:
         )
 
     def _on_rejected(self, event: Any) -> None:
-        if getattr(event.assoc, "_unimedvl_rejected", False):
-            return
         # pynetdicom's own refusals: only the association limit is left to it.
         record_rejection(
             self.ingest.engine,
@@ -499,10 +353,15 @@ class Listener:
         peer = self._peer(assoc)
         with self._stats_lock:
             self._stats[id(assoc)] = _AssocStats(peer)
-        for cx in getattr(assoc, "_rejected_cx", []):
-            log.warning(
-                "presentation context refused",
-                extra=kv(abstract_syntax=str(cx.abstract_syntax), result=cx.result, calling_ae=peer.calling_ae),
+        for cx in assoc.rejected_contexts:
+            # PS3.8 9.3.3.2 results: 1 user rejection, 2 no reason, 3 abstract syntax, 4 transfer syntaxes.
+            record_rejection(
+                self.ingest.engine,
+                stage="negotiation",
+                reason="context_refused",
+                detail=f"presentation context refused (result {cx.result})",
+                peer=peer,
+                sop_class_uid=str(cx.abstract_syntax),
             )
         log.info("association established", extra=kv(calling_ae=peer.calling_ae, remote_ip=peer.remote_ip))
 
@@ -533,6 +392,14 @@ class Listener:
         peer = stats.peer if stats is not None else self._peer(assoc)
         request = event.request
         try:
+            sop_class = str(request.AffectedSOPClassUID or "")
+            if not storable(sop_class, accept_private=self.settings.node.accept_private_sop_classes):
+                raise Refused(
+                    SOP_CLASS_NOT_SUPPORTED,
+                    "SOP Class not supported for storage",
+                    "sop_class_not_supported",
+                    "not a storage SOP class of PS3.6 (private classes need node.accept_private_sop_classes)",
+                )
             meta = event.file_meta
             buf = DicomBytesIO()
             write_file_meta_info(buf, meta, enforce_standard=True)
@@ -577,6 +444,27 @@ class Listener:
             stats.stored += 1
             stats.bytes += outcome.size
         return outcome.status
+
+
+def configure_dicom_libraries(*, accept_private: bool = False) -> None:
+    """pynetdicom's documented process-wide options this listener needs; called by `Listener.start`.
+
+    - retired storage SOP classes registered with `register_uid` as storage: pynetdicom's own
+      list lacks them and would abort the association on their C-STORE;
+    - UNRESTRICTED_STORAGE_SERVICE only with `accept_private`: it accepts any private SOP class
+      (which cannot be listed in advance) and passes its C-STORE to our handler. Without it,
+      pynetdicom refuses their presentation contexts and the listener records each refusal.
+    - LOG_HANDLER_LEVEL "none": no per-PDU/DIMSE log lines (they cost time on every message and
+      would print received values unescaped); the listener logs per association.
+    - pydicom reading validation IGNORE: its warnings quote received values (patient data) and
+      cost time per element; `dicom_node.ingest` runs its own checks on what it indexes.
+    """
+    _config.UNRESTRICTED_STORAGE_SERVICE = accept_private
+    _config.LOG_HANDLER_LEVEL = "none"
+    for uid in storage_sop_classes():
+        if uid_to_service_class(uid) is not StorageServiceClass:
+            register_uid(uid, storage_keyword(uid), StorageServiceClass)
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
 
 
 def _status(code: int, comment: str) -> Dataset:

@@ -34,6 +34,9 @@ CT_PRESETS: dict[str, tuple[float, float]] = {
 # Modality default when neither the rule nor the dataset names a window.
 MODALITY_DEFAULT_PRESET = {"CT": "soft_tissue"}
 
+# VOI LUT Functions of PS3.3 C.11.2.1.3 (pydicom applies each).
+VOI_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
+
 # Matches the engine's input limit (20 megapixels); larger frames are downscaled here first.
 DEFAULT_MAX_SIDE = 1024
 
@@ -130,14 +133,65 @@ def choose_window(
     return Window((lo + hi) / 2.0, hi - lo)
 
 
-def apply_window(frame: np.ndarray, window: Window | None) -> np.ndarray:
-    """Linear VOI window (PS3.3 C.11.2.1.2) to uint8; RGB frames are clipped only."""
+def _voi_dataset(center: float, width: float, function: str = "LINEAR") -> Dataset:
+    """The VOI LUT module attributes pydicom's windowing needs, with an 8-bit unsigned output
+    range (BitsStored 8, no rescale), so `apply_windowing` returns 0..255 directly."""
+    voi = Dataset()
+    voi.PhotometricInterpretation = "MONOCHROME2"
+    voi.BitsStored = 8
+    voi.PixelRepresentation = 0
+    voi.WindowCenter = center
+    voi.WindowWidth = width
+    voi.VOILUTFunction = function
+    return voi
+
+
+def apply_window(frame: np.ndarray, window: Window | None, function: str = "LINEAR") -> np.ndarray:
+    """VOI window to uint8 by pydicom's `apply_windowing` (PS3.3 C.11.2.1.2: LINEAR, LINEAR_EXACT,
+    SIGMOID); RGB frames (window None) are clipped or scaled only.
+
+    Raises PreprocessError for a window pydicom refuses (e.g. LINEAR width below 1)."""
     if window is None:
         return np.clip(frame, 0, 255).astype(np.uint8) if frame.max() <= 255 else _scale_rgb(frame)
-    c, w = window.center - 0.5, window.width - 1.0
-    w = max(w, 1e-6)
-    y = ((frame - c) / w + 0.5) * 255.0
+    function = function if function in VOI_FUNCTIONS else "LINEAR"
+    width = max(window.width, 1.0) if function == "LINEAR" else window.width
+    try:
+        y = pydicom.pixels.apply_windowing(frame, _voi_dataset(window.center, width, function))
+    except ValueError as exc:
+        raise PreprocessError(f"cannot apply the VOI window: {exc}") from exc
     return np.clip(np.rint(y), 0, 255).astype(np.uint8)
+
+
+def uses_source_voi(ds: Dataset, frame: np.ndarray, window: str | tuple[float, float] | list[float] | None) -> bool:
+    """True when the model input follows the source's own VOI LUT module (no window asked for, or
+    "dicom") and the source has one: a VOI LUT Sequence or a window. Colour frames: never."""
+    if frame.ndim != 2 or window not in (None, "dicom"):
+        return False
+    if ds.get("VOILUTSequence"):
+        return True
+    width = ds.get("WindowWidth")
+    if width is None or "WindowCenter" not in ds:
+        return False
+    try:  # a zero or negative width is a broken window: the fallback chain in choose_window applies
+        return float(width[0] if isinstance(width, pydicom.multival.MultiValue) else width) > 0
+    except (TypeError, ValueError):
+        return False
+
+
+def apply_voi_lut_sequence(ds: Dataset, frame: np.ndarray) -> np.ndarray | None:
+    """The source's first VOI LUT Sequence item applied by pydicom (`apply_voi`), scaled to uint8;
+    None when the source has no VOI LUT Sequence. PS3.3 C.11.2.1.1."""
+    seq = ds.get("VOILUTSequence")
+    if not seq:
+        return None
+    item = seq[0]
+    try:
+        y = pydicom.pixels.apply_voi(frame, ds, index=0)
+        bits = int(item.LUTDescriptor[2])
+    except Exception as exc:  # malformed LUT descriptor or data: pydicom raises several types
+        raise PreprocessError(f"cannot apply the VOI LUT Sequence: {exc}") from exc
+    top = float(2**bits - 1) if 1 <= bits <= 16 else float(np.max(y)) or 1.0
+    return np.clip(np.rint(np.asarray(y, dtype=np.float64) * (255.0 / top)), 0, 255).astype(np.uint8)
 
 
 def _scale_rgb(frame: np.ndarray) -> np.ndarray:
@@ -145,9 +199,15 @@ def _scale_rgb(frame: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(frame * (255.0 / hi)), 0, 255).astype(np.uint8)
 
 
-def to_rgb8(ds: Dataset, frame: np.ndarray, window: Window | None) -> np.ndarray:
-    """One decoded frame to H x W x 3 uint8 with MONOCHROME1 inverted."""
-    img = apply_window(frame, window)
+def to_rgb8(ds: Dataset, frame: np.ndarray, window: Window | None, *, source_voi: bool = False) -> np.ndarray:
+    """One decoded frame to H x W x 3 uint8 with MONOCHROME1 inverted.
+
+    With ``source_voi`` the source's own VOI transform is used (its VOI LUT Sequence, else its
+    window with its VOILUTFunction), as PS3.3 C.11.2 defines it; otherwise ``window``, linear."""
+    img = apply_voi_lut_sequence(ds, frame) if source_voi and frame.ndim == 2 else None
+    if img is None:
+        function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper() if source_voi else "LINEAR"
+        img = apply_window(frame, window, function)
     if img.ndim == 2:
         if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
             img = 255 - img  # MONOCHROME1: low values are white
@@ -273,8 +333,13 @@ def dataset_to_images(
     for i in idx:
         frame = data[i]
         win = choose_window(ds, frame, window)
-        rgb = resize_rgb(to_rgb8(ds, frame, win), out_r, out_c)
+        source_voi = uses_source_voi(ds, frame, window)
+        rgb = resize_rgb(to_rgb8(ds, frame, win, source_voi=source_voi), out_r, out_c)
         notes = [] if (out_r, out_c) == (rows, cols) else [f"downscaled {rows}x{cols} -> {out_r}x{out_c}"]
+        if source_voi and ds.get("VOILUTSequence"):
+            notes.append("the source's VOI LUT Sequence was applied")
+        elif source_voi and str(ds.get("VOILUTFunction", "LINEAR")).upper() != "LINEAR":
+            notes.append(f"the source's {str(ds.VOILUTFunction).upper()} VOI function was applied")
         images.append(
             ModelImage(
                 pixels=rgb,

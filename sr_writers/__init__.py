@@ -9,12 +9,17 @@ Public API (each returns pydicom Datasets ready for ``to_bytes``/``write``):
 - ``write_derived_series(result, sources, provenance)``    same-SOP-class derived series
 - ``labelmap_to_binary(seg, sources, provenance)``        re-render a refused LABELMAP as BINARY
 - ``binary_fallback(sources, provenance)``                 the same as bytes -> bytes | None for the exporter
+- ``native_binary(seg)``                                   an RLE BINARY SEG (odd grids) as Explicit VR LE
+
+Every writer decodes the sources' text with their own Specific Character Set and writes UTF-8
+(``source_prep``); refusals are SourceError subclasses (``errors``), all ValueErrors.
 
 This package depends on pydicom, highdicom and numpy only.
 """
 
-from .common import SourceError, to_bytes, write
+from .common import to_bytes, write
 from .derived_series import write_derived_series
+from .errors import NoFrameOfReferenceError, NoPatientGeometryError, SourceError, UnsupportedSourceError
 from .measurements_sr import write_measurements_sr
 from .report_sr import write_report_sr
 from .results import (
@@ -31,7 +36,15 @@ from .results import (
     SynthesizedImage,
 )
 from .secondary_capture import write_secondary_capture
-from .seg import LABELMAP_SOP_CLASS, SEG_SOP_CLASS, binary_fallback, labelmap_to_binary, read_masks, write_seg
+from .seg import (
+    LABELMAP_SOP_CLASS,
+    SEG_SOP_CLASS,
+    binary_fallback,
+    labelmap_to_binary,
+    native_binary,
+    read_masks,
+    write_seg,
+)
 from .uids import DEFAULT_UID_ROOT, new_uid
 
 __all__ = [
@@ -39,6 +52,8 @@ __all__ = [
     "DEFAULT_UID_ROOT",
     "LABELMAP_SOP_CLASS",
     "LESION_TYPE",
+    "NoFrameOfReferenceError",
+    "NoPatientGeometryError",
     "ORGAN_TYPE",
     "SEG_SOP_CLASS",
     "TISSUE_CATEGORY",
@@ -50,8 +65,10 @@ __all__ = [
     "SegmentationResult",
     "SourceError",
     "SynthesizedImage",
+    "UnsupportedSourceError",
     "binary_fallback",
     "labelmap_to_binary",
+    "native_binary",
     "new_uid",
     "read_masks",
     "to_bytes",

@@ -15,10 +15,11 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
+from .errors import SourceError
 from .results import Provenance
+from .source_prep import TYPE2_IDENTITY as _TYPE2_IDENTITY
+from .source_prep import UTF8, restore_referenced_classes
 from .uids import new_uid
-
-UTF8 = "ISO_IR 192"
 
 # Patient, Patient Study, General Study attributes: copied so every result lands in the source study
 # and agrees with it (dcentvfy compares them across the study).
@@ -42,22 +43,6 @@ IDENTITY_KEYWORDS = (
     "ReferringPhysicianName",
     "StudyDescription",
 )
-# Type 2 attributes that must be present (maybe empty) in every composite object we write.
-_TYPE2_IDENTITY = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyDate",
-    "StudyTime",
-    "StudyID",
-    "AccessionNumber",
-    "ReferringPhysicianName",
-)
-
-
-class SourceError(ValueError):
-    """The source datasets cannot carry the result (mixed studies, missing geometry, wrong shape)."""
 
 
 def series_description(text: str, provenance: Provenance) -> str:
@@ -170,8 +155,12 @@ def rehome_uids(ds: Dataset, uid_root: str | None, mapping: dict[str, str] | Non
                 elem.value = new if elem.VM > 1 else new[0]
 
 
-def finish(ds: Dataset, uid_root: str | None = None) -> Dataset:
-    """Last touches every writer applies: own UIDs, UTF-8, zeroed preamble, consistent file meta."""
+def finish(ds: Dataset, uid_root: str | None = None, replaced_classes: dict[str, str] | None = None) -> Dataset:
+    """Last touches every writer applies: own UIDs, UTF-8, zeroed preamble, consistent file meta.
+
+    ``replaced_classes`` ({SOPInstanceUID: SOP class}) from ``source_prep.for_highdicom`` restores
+    the true SOP class of stood-in sources in the object's references."""
+    restore_referenced_classes(ds, replaced_classes or {})
     rehome_uids(ds, uid_root)
     set_utf8(ds)
     ds.preamble = b"\x00" * 128

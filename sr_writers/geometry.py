@@ -17,6 +17,7 @@ import numpy as np
 from pydicom import Dataset
 
 from .common import SourceError, check_same_study
+from .errors import NoFrameOfReferenceError, NoPatientGeometryError
 from .results import SourceFrameKey
 
 _ORIENTATION_TOL = 1e-3
@@ -118,7 +119,7 @@ def _multiframe_frames(ds: Dataset) -> list[SourceFrame]:
 def _single_frame(ds: Dataset) -> SourceFrame:
     for kw in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
         if kw not in ds:
-            raise SourceError(f"source instance lacks {kw}: a mask cannot be placed without patient geometry")
+            raise NoPatientGeometryError(f"the source image has no {kw}, so a mask cannot be placed in patient space")
     thickness = ds.get("SliceThickness")
     return SourceFrame(
         key=str(ds.SOPInstanceUID),
@@ -137,9 +138,21 @@ def is_multiframe(ds: Dataset) -> bool:
 
 
 def source_geometry(sources: Sequence[Dataset]) -> SourceGeometry:
-    """Validate the sources (one series, one FoR, one grid and orientation) and order them in space."""
+    """Validate the sources (one series, one FoR, one grid and orientation) and order them in space.
+
+    Raises NoFrameOfReferenceError when the source has no FrameOfReferenceUID (PS3.3 C.7.4.1; e.g.
+    CR, US, secondary captures), NoPatientGeometryError when it lacks the Image Plane attributes,
+    SourceError for the other reasons above; each message is one sentence without patient data.
+    """
     check_same_study(sources)
     sources = list(sources)
+    fors = {str(s.get("FrameOfReferenceUID", "") or "") for s in sources}
+    if "" in fors:
+        which = "the source series has" if len(fors) == 1 else "some source images have"
+        raise NoFrameOfReferenceError(
+            f"{which} no Frame of Reference UID (FrameOfReferenceUID), so a segmentation or measurement "
+            "cannot be placed in patient space"
+        )
     if any(is_multiframe(s) for s in sources):
         if len(sources) != 1:
             raise SourceError("a multi-frame source must be the only source of a segmentation")
@@ -150,9 +163,8 @@ def source_geometry(sources: Sequence[Dataset]) -> SourceGeometry:
         datasets = sources
     if len({str(s.SeriesInstanceUID) for s in sources}) != 1:
         raise SourceError("source instances come from more than one series")
-    fors = {str(s.get("FrameOfReferenceUID", "")) for s in sources}
-    if len(fors) != 1 or "" in fors:
-        raise SourceError("source instances need one common FrameOfReferenceUID")
+    if len(fors) != 1:
+        raise SourceError(f"the source images have {len(fors)} different FrameOfReferenceUID values, not one")
     if len({(int(s.Rows), int(s.Columns)) for s in sources}) != 1:
         raise SourceError("source instances have different Rows/Columns")
     iop0 = frames[0].orientation
@@ -175,3 +187,21 @@ def source_geometry(sources: Sequence[Dataset]) -> SourceGeometry:
         frame_of_reference_uid=str(sources[0].FrameOfReferenceUID),
         series_instance_uid=str(sources[0].SeriesInstanceUID),
     )
+
+
+def fill_slice_thickness(geom: SourceGeometry) -> None:
+    """Give single-frame sources without a SliceThickness value (Type 2, PS3.3 C.7.6.2) the spacing
+    between slice centres, so highdicom's Pixel Measures and image library descriptors have one;
+    a single such image raises NoPatientGeometryError (its thickness cannot be derived). Only for
+    writers' own copies (``source_prep``): changes ``geom.datasets`` in place."""
+    if geom.multiframe:
+        return
+    for ds in geom.datasets:
+        if ds.get("SliceThickness") in (None, ""):
+            spacing = geom.slice_spacing
+            if not spacing:
+                raise NoPatientGeometryError(
+                    "the source is a single image without a SliceThickness value, so the thickness of "
+                    "a segmentation on it (Pixel Measures, PS3.3 C.7.6.16.2.1) is unknown"
+                )
+            ds.SliceThickness = round(spacing, 6)

@@ -26,10 +26,11 @@ from .common import (
     finish,
     series_description,
 )
-from .geometry import SourceFrame, source_geometry
+from .geometry import SourceFrame, fill_slice_thickness, source_geometry
 from .report_sr import device_observer
 from .results import Provenance, SegmentationResult
 from .seg import LABELMAP_SOP_CLASS, SEG_SOP_CLASS, check_seg_matches_sources
+from .source_prep import for_highdicom
 from .uids import new_uid
 
 IMAGING_PROCEDURE = CodedConcept("363679005", "SCT", "Imaging procedure")
@@ -90,7 +91,9 @@ def write_measurements_sr(
     """TID 1500 measurement report (areas per slice, volumes) for the segments of ``seg_ds``."""
     if str(seg_ds.SOPClassUID) not in (SEG_SOP_CLASS, LABELMAP_SOP_CLASS):
         raise ValueError("seg_ds must be a Segmentation written for these sources")
+    sources, replaced = for_highdicom(sources)
     geom = source_geometry(sources)
+    fill_slice_thickness(geom)
     check_seg_matches_sources(seg_ds, geom)
     seg_items = {int(i.SegmentNumber): i for i in seg_ds.SegmentSequence if int(i.SegmentNumber) != 0}
     if len(seg_items) != len(result.segments):
@@ -185,4 +188,4 @@ def write_measurements_sr(
     copy_identity(sr, geom.datasets[0])
     apply_provenance(sr, provenance)
     sr.SeriesDescription = series_description("Measurements", provenance)
-    return finish(sr, provenance.uid_root)
+    return finish(sr, provenance.uid_root, replaced)

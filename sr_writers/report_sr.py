@@ -34,6 +34,7 @@ from .common import (
     series_description,
 )
 from .results import Provenance, ReportResult
+from .source_prep import for_highdicom
 from .uids import new_uid, stable_uid
 
 REPORT_TITLE = CodedConcept("18748-4", "LN", "Diagnostic Imaging Report")
@@ -112,12 +113,17 @@ def write_report_sr(
     language: str = "en",
     series_instance_uid: str | None = None,
 ) -> Dataset:
-    """Enhanced SR holding the AI report; PARTIAL, UNVERIFIED, PRELIMINARY; sources as evidence."""
+    """Enhanced SR holding the AI report; PARTIAL, UNVERIFIED, PRELIMINARY; sources as evidence.
+
+    Written in UTF-8 whatever the sources declare, with their identity (empty Type 2 attributes
+    where they have none): see ``source_prep``. Raises SourceError for sources that cannot be
+    referenced or do not share one study."""
     check_same_study(sources)
     if any("SOPInstanceUID" not in s or "SOPClassUID" not in s for s in sources):
         raise SourceError("every source dataset needs SOPClassUID and SOPInstanceUID to be referenced")
+    sources, replaced = for_highdicom(sources)
     sr = hd.sr.EnhancedSR(
-        evidence=list(sources),
+        evidence=sources,
         content=build_content(result, provenance, language),
         series_instance_uid=series_instance_uid or new_uid(provenance.uid_root),
         series_number=series_number,
@@ -133,7 +139,7 @@ def write_report_sr(
     copy_identity(sr, sources[0])
     apply_provenance(sr, provenance)
     sr.SeriesDescription = series_description(result.title, provenance)
-    return finish(sr, provenance.uid_root)
+    return finish(sr, provenance.uid_root, replaced)
 
 
 __all__ = ["write_report_sr", "build_content", "device_observer", "device_uid"]

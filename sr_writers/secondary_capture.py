@@ -27,6 +27,7 @@ from .common import (
     series_description,
 )
 from .results import Provenance, SynthesizedImage
+from .source_prep import UTF8, for_highdicom
 from .uids import new_uid
 
 _NO_GEOMETRY_OR_VOI = (
@@ -52,6 +53,7 @@ def write_secondary_capture(
 ) -> Dataset:
     """One SC instance in the study of ``sources`` (the first source gives patient/study identity)."""
     check_same_study(sources)
+    sources, replaced = for_highdicom(sources)
     ref = sources[0]
     pixels = np.asarray(image.pixels)
     if pixels.dtype != np.uint8:
@@ -90,6 +92,7 @@ def write_secondary_capture(
         study_time=ref.get("StudyTime"),
         referring_physician_name=ref.get("ReferringPhysicianName"),
         contributing_equipment=[contributing_equipment(provenance, "synthesizing", "AI image synthesis")],
+        specific_character_set=UTF8,
     )
     copy_identity(sc, ref)
     apply_provenance(sc, provenance)
@@ -107,7 +110,7 @@ def write_secondary_capture(
     sc.DerivationDescription = f"Synthesized by {provenance.model_name} {provenance.model_version}"[:1024]
     copy_body_part_and_laterality(sc, ref)
     sc.SourceImageSequence = _source_refs(sources)
-    return finish(sc, provenance.uid_root)
+    return finish(sc, provenance.uid_root, replaced)
 
 
 def _source_refs(sources: Sequence[Dataset]):

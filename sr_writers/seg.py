@@ -8,10 +8,19 @@ Empty frames are kept by default (``omit_empty_frames=False``): every source fra
 frame per segment, so a viewer that stacks SEG frames by index (rather than by their per-frame
 source reference or position) still lines them up with the source. A BINARY frame costs
 rows*cols/8 bytes, a 100-slice 256x256 series with one segment about 0.8 MB.
+
+A BINARY SEG whose Rows x Columns is not a multiple of 8 (15x17, 181x217) is written in RLE
+Lossless, one fragment per frame, each frame's bits packed from its own first byte (PS3.5 8.1.1,
+8.2; Annex G). Natively such frames run on without byte alignment, and OHIF's Cornerstone adapter
+(@cornerstonejs/adapters 5.x) then guesses the layout from the Pixel Data length, which is the
+same for both layouts below 8 frames for a 15x17 grid, and paints masks shifted by some bits.
+``native_binary`` turns such an object back into Explicit VR Little Endian for readers (pydicom,
+highdicom) that do not decode 1-bit RLE.
 """
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
 from collections.abc import Callable, Sequence
@@ -20,12 +29,17 @@ import highdicom as hd
 import numpy as np
 from highdicom.sr import CodedConcept
 from pydicom import Dataset, dcmread
+from pydicom.encaps import encapsulate, generate_frames
 from pydicom.errors import InvalidDicomError
+from pydicom.pixels import get_decoder
+from pydicom.pixels.encoders import RLELosslessEncoder
 from pydicom.sr.codedict import codes
+from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
 from .common import SourceError, apply_provenance, contributing_equipment, copy_identity, finish, series_description
-from .geometry import SourceGeometry, source_geometry
+from .geometry import SourceGeometry, fill_slice_thickness, source_geometry
 from .results import Code, Provenance, Segment, SegmentationResult
+from .source_prep import for_highdicom
 from .uids import new_uid
 
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -97,6 +111,72 @@ def _labelmap(stack: np.ndarray) -> np.ndarray:
     return labels
 
 
+def _packed_bytes_kwargs(n_bytes: int) -> dict:
+    # 1-bit RLE (PS3.5 G.2): one byte segment holding the frame's packed bits; pydicom's RLE codec
+    # encodes it as a one-row 8-bit image of those bytes.
+    return dict(
+        rows=1,
+        columns=n_bytes,
+        samples_per_pixel=1,
+        bits_allocated=8,
+        bits_stored=8,
+        pixel_representation=0,
+        photometric_interpretation="MONOCHROME2",
+        number_of_frames=1,
+    )
+
+
+def needs_frame_aligned_bits(rows: int, columns: int) -> bool:
+    """True when native BINARY frames would not start on a byte boundary (rows*columns % 8 != 0)."""
+    return (rows * columns) % 8 != 0
+
+
+def _frame_bits(seg_ds: Dataset) -> np.ndarray:
+    """(frames, rows*cols) uint8 0/1 from native contiguous little-endian bit packing (PS3.5 8.1.1)."""
+    n, px = int(seg_ds.NumberOfFrames), int(seg_ds.Rows) * int(seg_ds.Columns)
+    bits = np.unpackbits(np.frombuffer(seg_ds.PixelData, dtype=np.uint8), bitorder="little")
+    return bits[: n * px].reshape(n, px)
+
+
+def encapsulate_binary(seg_ds: Dataset) -> Dataset:
+    """Re-encode a native BINARY SEG as RLE Lossless, one fragment per frame, bits packed per frame.
+
+    In place; returns ``seg_ds``. Raises ValueError for anything but a native 1-bit SEG."""
+    if int(seg_ds.BitsAllocated) != 1 or seg_ds.file_meta.TransferSyntaxUID.is_encapsulated:
+        raise ValueError("encapsulate_binary needs a BINARY SEG with native (uncompressed) Pixel Data")
+    fragments = []
+    for frame in _frame_bits(seg_ds):
+        packed = np.packbits(frame, bitorder="little").tobytes()
+        fragments.append(
+            RLELosslessEncoder.encode(packed, encoding_plugin="pydicom", **_packed_bytes_kwargs(len(packed)))
+        )
+    seg_ds.PixelData = encapsulate(fragments, has_bot=True)
+    seg_ds["PixelData"].VR = "OB"
+    seg_ds["PixelData"].is_undefined_length = True
+    seg_ds.file_meta.TransferSyntaxUID = RLELossless
+    return seg_ds
+
+
+def native_binary(seg_ds: Dataset) -> Dataset:
+    """A BINARY SEG in Explicit VR Little Endian (contiguous bits) from an RLE one written by
+    ``encapsulate_binary``; any other dataset is returned unchanged. In place; returns ``seg_ds``."""
+    meta = getattr(seg_ds, "file_meta", None)
+    if meta is None or str(meta.get("TransferSyntaxUID", "")) != RLELossless or int(seg_ds.BitsAllocated) != 1:
+        return seg_ds
+    n, px = int(seg_ds.NumberOfFrames), int(seg_ds.Rows) * int(seg_ds.Columns)
+    n_bytes = (px + 7) // 8
+    decoder = get_decoder(RLELossless)
+    frames = []
+    for fragment in generate_frames(seg_ds.PixelData, number_of_frames=n):
+        packed, _ = decoder.as_array(encapsulate([fragment]), **_packed_bytes_kwargs(n_bytes))
+        frames.append(np.unpackbits(packed.reshape(-1), bitorder="little")[:px])
+    seg_ds.PixelData = np.packbits(np.concatenate(frames), bitorder="little").tobytes()
+    seg_ds["PixelData"].VR = "OB"
+    seg_ds["PixelData"].is_undefined_length = False
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return seg_ds
+
+
 def write_seg(
     result: SegmentationResult,
     sources: Sequence[Dataset],
@@ -109,11 +189,17 @@ def write_seg(
     series_instance_uid: str | None = None,
     series_text: str = "Segmentation",
 ) -> Dataset:
-    """SEG on the source grid and Frame of Reference, one frame per source frame and segment."""
+    """SEG on the source grid and Frame of Reference, one frame per source frame and segment.
+
+    BINARY SEGs on grids whose Rows x Columns is not a multiple of 8 come back RLE encoded (see
+    the module docstring). Raises SourceError (NoFrameOfReferenceError, NoPatientGeometryError) for
+    sources a mask cannot be placed on, ValueError for overlapping LABELMAP segments."""
     seg_type = segmentation_type.upper()
     if seg_type not in SEGMENTATION_TYPES:
         raise ValueError(f"segmentation_type must be one of {SEGMENTATION_TYPES}, not {segmentation_type!r}")
+    sources, replaced = for_highdicom(sources)
     geom = source_geometry(sources)
+    fill_slice_thickness(geom)
     stack = stacked_masks(result, geom)
     pixels = _labelmap(stack) if seg_type == "LABELMAP" else stack
     seg = hd.seg.Segmentation(
@@ -139,7 +225,9 @@ def write_seg(
     seg.SeriesDescription = series_description(series_text, provenance)
     if "BodyPartExamined" in geom.datasets[0]:
         seg.BodyPartExamined = geom.datasets[0].BodyPartExamined
-    return finish(seg, provenance.uid_root)
+    if seg_type == "BINARY" and needs_frame_aligned_bits(geom.rows, geom.columns):
+        encapsulate_binary(seg)
+    return finish(seg, provenance.uid_root, replaced)
 
 
 def _code(seq) -> Code:
@@ -188,7 +276,7 @@ def read_masks(seg_ds: Dataset, sources: Sequence[Dataset]) -> SegmentationResul
     """Decode a SEG (BINARY or LABELMAP) back into per-source-frame masks, matched by source reference."""
     geom = source_geometry(sources)
     check_seg_matches_sources(seg_ds, geom)
-    seg = hd.seg.Segmentation.from_dataset(seg_ds, copy=True)
+    seg = hd.seg.Segmentation.from_dataset(native_binary(copy.deepcopy(seg_ds)), copy=False)
     segments = segments_from_dataset(seg_ds)
     numbers = [int(i.SegmentNumber) for i in seg_ds.SegmentSequence if int(i.SegmentNumber) != 0]
     if geom.multiframe:

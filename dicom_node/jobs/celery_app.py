@@ -25,6 +25,9 @@ from kombu import Exchange, Queue
 
 UNDERSTANDING_QUEUE = "unimedvl.understanding"
 GENERATION_QUEUE = "unimedvl.generation"
+# Research batch items (dicom_node.batch): their own queue, fed in a small window by the batch
+# driver, which holds back while clinical jobs wait, so clinical work always goes first.
+BATCH_QUEUE = "unimedvl.batch"
 DEAD_LETTER_EXCHANGE = "unimedvl.dlx"
 DEAD_LETTER_QUEUE = "unimedvl.dead"
 DEFAULT_BROKER_URL = "sqla+sqlite:///var/broker.db"
@@ -60,7 +63,7 @@ def resolve_broker_url(url: str, base: Path | None = None) -> str:
 def task_queues(amqp: bool, consumer_timeout_ms: int = DEFAULT_CONSUMER_TIMEOUT_MS) -> list[Queue]:
     exchange = Exchange("unimedvl", type="direct", durable=True)
     if not amqp:
-        return [Queue(q, exchange, routing_key=q) for q in (UNDERSTANDING_QUEUE, GENERATION_QUEUE)]
+        return [Queue(q, exchange, routing_key=q) for q in (UNDERSTANDING_QUEUE, GENERATION_QUEUE, BATCH_QUEUE)]
     args = {
         "x-queue-type": "quorum",
         "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
@@ -69,7 +72,10 @@ def task_queues(amqp: bool, consumer_timeout_ms: int = DEFAULT_CONSUMER_TIMEOUT_
         # (deploy/rabbitmq.conf sets it above the longest task as well).
         "x-consumer-timeout": consumer_timeout_ms,
     }
-    return [Queue(q, exchange, routing_key=q, queue_arguments=args) for q in (UNDERSTANDING_QUEUE, GENERATION_QUEUE)]
+    return [
+        Queue(q, exchange, routing_key=q, queue_arguments=args)
+        for q in (UNDERSTANDING_QUEUE, GENERATION_QUEUE, BATCH_QUEUE)
+    ]
 
 
 def dead_letter_queue() -> Queue:
@@ -115,7 +121,7 @@ def configure(app: Celery, broker_url: str, *, consumer_timeout_ms: int = DEFAUL
 
 
 app = configure(
-    # include: `celery -A dicom_node.jobs.celery_app worker` registers unimedvl.run_job.
-    Celery("unimedvl", include=["dicom_node.jobs.tasks"]),
+    # include: `celery -A dicom_node.jobs.celery_app worker` registers unimedvl.run_job and the batch task.
+    Celery("unimedvl", include=["dicom_node.jobs.tasks", "dicom_node.batch.task"]),
     resolve_broker_url(os.environ.get("UNIMEDVL_BROKER__URL", DEFAULT_BROKER_URL)),
 )

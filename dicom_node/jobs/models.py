@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, Index, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Column, Index, Integer, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from dicom_node.leases import DONE, FAILED
@@ -44,6 +44,9 @@ class Job(SQLModel, table=True):
     attempts: int = 0  # claims so far (app-level counter: broker delivery limits miss consumer timeouts)
     max_attempts: int = 3
     retries: int = 0  # operator re-queues of a failed job
+    # Runs that ended in an unexpected exception (a bug, not bad input): retried, then failed as
+    # an internal error; summed by the unimedvl_job_crashes metric. Migration 0004_job_crashes.
+    crashes: int = Field(default=0, sa_column=Column(Integer, nullable=False, default=0, server_default="0"))
     lease_seconds: float = 60.0  # the worker renews lease_until every lease_seconds / 3
     lease_until: datetime | None = None
     claim_token: str | None = Field(default=None, max_length=32)

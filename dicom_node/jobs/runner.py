@@ -14,7 +14,6 @@ import hashlib
 import logging
 import os
 import socket
-import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -38,6 +37,7 @@ log = logging.getLogger("dicom_node.jobs.runner")
 RAN_DONE = "done"
 RAN_FAILED = "failed"
 SKIPPED = "skipped"  # duplicate delivery, job done/failed/held elsewhere
+RETRYING = "retrying"  # crashed (unexpected exception); back to "planned" for another attempt
 LOST = "lost"  # the claim moved to another worker while this one ran (lease expired)
 
 
@@ -268,14 +268,55 @@ def fail(engine: Engine, claim_: Claim, reason: str, *, now: datetime | None = N
     return bool(n)
 
 
+def is_input_error(exc: BaseException) -> bool:
+    """True for the typed "this input cannot be processed" errors (JobInputError and the
+    pipelines' INPUT_ERRORS); anything else is a crash (a bug, an environment fault)."""
+    from inference.pipelines.errors import INPUT_ERRORS
+
+    return isinstance(exc, (JobInputError, *INPUT_ERRORS))
+
+
 def failure_reason(exc: BaseException) -> str:
-    """One readable line for the job record (the traceback goes to the log only)."""
-    # PipelineError and JobInputError carry `reason`: one sentence written for the job record.
-    reason = getattr(exc, "reason", None)
-    if isinstance(reason, str) and reason.strip():
+    """One readable line for the job record (the traceback goes to the log only).
+
+    Input errors give their own sentence; anything else is reported as an internal error by
+    exception type only (its text may hold raw values, even patient data, and is no sentence)."""
+    if is_input_error(exc):
+        reason = getattr(exc, "reason", None)
+        if not (isinstance(reason, str) and reason.strip()):
+            reason = " ".join(str(exc).split()) or type(exc).__name__
         return one_line(reason)
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return one_line(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
+    return one_line(f"internal error ({type(exc).__name__}) in the worker, not a problem with the input")
+
+
+def crash(engine: Engine, claim_: Claim, exc: BaseException, *, now: datetime | None = None) -> bool:
+    """Record an unexpected exception: crashes + 1, then back to "planned" for a retry while
+    attempts remain (the sweeper publishes it), else "failed" as an internal error.
+
+    Returns True when the job will be retried."""
+    now = now or utcnow()
+    job = claim_.job
+    retry = job.attempts < job.max_attempts
+    reason = failure_reason(exc)
+    values: dict[str, Any] = {"updated_at": now, "lease_until": None, "crashes": Job.crashes + 1}
+    if retry:
+        values.update(
+            state=PLANNED, error=one_line(f"{reason}; retrying (attempt {job.attempts} of {job.max_attempts})")
+        )
+    else:
+        values.update(
+            state=FAILED,
+            finished_at=now,
+            error=one_line(f"{reason}, on every one of {job.attempts} attempt(s); the worker log has the traceback"),
+        )
+    with Session(engine) as s:
+        s.execute(
+            update(Job)
+            .where(col(Job.id) == job.id, col(Job.claim_token) == claim_.token, col(Job.state) == RUNNING)
+            .values(**values)
+        )
+        s.commit()
+    return retry
 
 
 RunFn = Callable[[Job, list[Dataset]], tuple[list[Output], str | None, dict[str, Any] | None]]
@@ -310,10 +351,22 @@ def execute_job(
             return RAN_FAILED
         except Exception as exc:
             reason = failure_reason(exc)
-            log.error("job %s failed: %s\n%s", job_id, reason, traceback.format_exc())
-            # If even this write fails (DB down), the lease runs out and the sweeper re-queues the job.
-            fail(engine, c, reason)
-            return RAN_FAILED
+            # If even these writes fail (DB down), the lease runs out and the sweeper re-queues the job.
+            if is_input_error(exc):
+                log.warning("job %s failed on its input: %s", job_id, reason)
+                fail(engine, c, reason)
+                return RAN_FAILED
+            # A crash: counted, retried, logged with its traceback (dicom_node.logs withholds the
+            # exception's message unless log_phi is on: it may quote a patient's values).
+            retried = crash(engine, c, exc)
+            log.error(
+                "job %s crashed (%s)%s",
+                job_id,
+                type(exc).__name__,
+                "; it will be retried" if retried else f"; failed after {c.job.attempts} attempt(s)",
+                exc_info=True,
+            )
+            return RETRYING if retried else RAN_FAILED
     if recorded is None:
         log.warning("job %s: claim lost before recording results; another run owns it", job_id)
         return LOST

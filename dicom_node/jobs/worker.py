@@ -48,25 +48,29 @@ def pin_device(device: str | None) -> str | None:
 
 
 def queues_for(kinds_or_queues: Sequence[str] | None) -> list[str]:
-    """Queue names from task kinds or queue names (None: both queues).
+    """Queue names from task kinds or queue names (None: both model queues).
 
     Raises ValueError naming an entry that is neither a queue nor a task kind.
     """
-    from dicom_node.jobs.celery_app import GENERATION_QUEUE, TASK_QUEUES, UNDERSTANDING_QUEUE
+    from dicom_node.jobs.celery_app import BATCH_QUEUE, GENERATION_QUEUE, TASK_QUEUES, UNDERSTANDING_QUEUE
 
     if not kinds_or_queues:
         return [UNDERSTANDING_QUEUE, GENERATION_QUEUE]
     out: list[str] = []
     for q in kinds_or_queues:
         name = TASK_QUEUES.get(q, q)
-        if name not in (UNDERSTANDING_QUEUE, GENERATION_QUEUE):
-            raise ValueError(f"unknown queue or task kind {q!r}: use understanding, generation or a task kind")
+        if name not in (UNDERSTANDING_QUEUE, GENERATION_QUEUE, BATCH_QUEUE):
+            raise ValueError(f"unknown queue or task kind {q!r}: use understanding, generation, batch or a task kind")
         if name not in out:
             out.append(name)
     return out
 
 
-_QUEUE_ALIASES = {"understanding": "unimedvl.understanding", "generation": "unimedvl.generation"}
+_QUEUE_ALIASES = {
+    "understanding": "unimedvl.understanding",
+    "generation": "unimedvl.generation",
+    "batch": "unimedvl.batch",
+}
 
 
 def run_worker(

@@ -30,6 +30,7 @@ import torch
 
 from .attention import resolve_backend
 from .config import BagelConfig, LLMConfig
+from .errors import InputError
 from .graphs import GraphDecoder
 from .loader import BackgroundHash, load_checkpoint
 from .model import Context, UniMedVL, VitFn, tokens_to_latent
@@ -89,7 +90,7 @@ def _default_dtype(device: torch.device, dtype: torch.dtype | str | None) -> tor
 def _check_finite_scalar(name: str, v: float) -> float:
     v = float(v)
     if not math.isfinite(v):
-        raise ValueError(f"{name} must be a finite number, got {v}")
+        raise InputError(f"{name} must be a finite number, got {v}")
     return v
 
 
@@ -295,7 +296,7 @@ class Engine:
 
     def _encode_text(self, text: str, what: str) -> list[int]:
         if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"{what} must be a non-empty string")
+            raise InputError(f"{what} must be a non-empty string")
         return self._require_tokenizer().encode(text)
 
     def _images(self, images, rule: ResizeRule) -> list[torch.Tensor]:
@@ -321,9 +322,9 @@ class Engine:
         ids = self._encode_text(question, "question")
         temperature = _check_finite_scalar("temperature", temperature)
         if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
+            raise InputError(f"temperature must be >= 0, got {temperature}")
         if int(max_new_tokens) < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+            raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         pixels = self._images(images, VIT_CHAT)
         ctx = self.new_context()
         for tokens in self.vit_tokens(pixels) if pixels else []:
@@ -363,9 +364,9 @@ class Engine:
         try:
             h, w = (int(size[0]), int(size[1]))
         except (TypeError, ValueError, IndexError) as e:
-            raise ValueError(f"size must be (height, width), got {size!r}") from e
+            raise InputError(f"size must be (height, width), got {size!r}") from e
         if h < LATENT_TOKEN_PX or w < LATENT_TOKEN_PX:
-            raise ValueError(f"size {h}x{w} is below the minimum of {LATENT_TOKEN_PX}x{LATENT_TOKEN_PX} pixels")
+            raise InputError(f"size {h}x{w} is below the minimum of {LATENT_TOKEN_PX}x{LATENT_TOKEN_PX} pixels")
         limit = self._max_side()
         rh, rw = h, w
         if max(rh, rw) > limit:  # keep the aspect ratio inside the latent position table
@@ -382,9 +383,9 @@ class Engine:
         try:
             interval = (float(cfg_interval[0]), float(cfg_interval[1]))
         except (TypeError, ValueError, IndexError) as e:
-            raise ValueError(f"cfg_interval must be (low, high), got {cfg_interval!r}") from e
+            raise InputError(f"cfg_interval must be (low, high), got {cfg_interval!r}") from e
         if renorm_type not in RENORM_TYPES:
-            raise ValueError(f"cfg_renorm_type must be one of {RENORM_TYPES}, got {renorm_type!r}")
+            raise InputError(f"cfg_renorm_type must be one of {RENORM_TYPES}, got {renorm_type!r}")
         s = SamplerSettings(
             steps=int(steps),
             timestep_shift=_check_finite_scalar("timestep_shift", timestep_shift),

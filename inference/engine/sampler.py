@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .errors import InputError
 from .model import Context, UniMedVL
 
 RENORM_TYPES = ("global", "channel", "text_channel")
@@ -20,7 +21,7 @@ EPS = 1e-8
 def shifted_schedule(steps: int, shift: float) -> torch.Tensor:
     """sigma_i = shift*tau_i / (1 + (shift-1)*tau_i), tau = linspace(1, 0, steps), float32 on the CPU."""
     if steps < 2:
-        raise ValueError(f"steps must be >= 2 (got {steps}); the sampler evaluates steps-1 times")
+        raise InputError(f"steps must be >= 2 (got {steps}); the sampler evaluates steps-1 times")
     tau = torch.linspace(1, 0, steps, dtype=torch.float32)
     return shift * tau / (1 + (shift - 1) * tau)
 
@@ -69,14 +70,14 @@ class SamplerSettings:
 
     def validate(self) -> None:
         if self.cfg_renorm_type not in RENORM_TYPES:
-            raise ValueError(f"cfg_renorm_type must be one of {RENORM_TYPES}, got {self.cfg_renorm_type!r}")
+            raise InputError(f"cfg_renorm_type must be one of {RENORM_TYPES}, got {self.cfg_renorm_type!r}")
         if self.steps < 2:
-            raise ValueError(f"steps must be >= 2, got {self.steps}")
+            raise InputError(f"steps must be >= 2, got {self.steps}")
         if self.timestep_shift <= 0:
-            raise ValueError(f"timestep_shift must be > 0, got {self.timestep_shift}")
+            raise InputError(f"timestep_shift must be > 0, got {self.timestep_shift}")
         lo, hi = self.cfg_interval
         if not (0.0 <= lo <= hi <= 1.0):
-            raise ValueError(f"cfg_interval must satisfy 0 <= lo <= hi <= 1, got {self.cfg_interval}")
+            raise InputError(f"cfg_interval must satisfy 0 <= lo <= hi <= 1, got {self.cfg_interval}")
 
 
 @dataclass

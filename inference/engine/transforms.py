@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .errors import InputError
+
 MAX_INPUT_PIXELS = 20_000_000  # pil_img2rgb rejects larger images
 MIN_INPUT_SIDE = 14  # one ViT patch
 
@@ -67,24 +69,24 @@ def to_pil_rgb(image) -> Image.Image:
         if arr.ndim == 3 and arr.shape[-1] == 1:
             arr = arr[..., 0]
         if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
-            raise ValueError(f"image array must be HxW, HxWx3 or HxWx4, got shape {arr.shape}")
+            raise InputError(f"image array must be HxW, HxWx3 or HxWx4, got shape {arr.shape}")
         _check_size(arr.shape[1], arr.shape[0])
         if arr.dtype != np.uint8:
             if not np.issubdtype(arr.dtype, np.floating) and not np.issubdtype(arr.dtype, np.integer):
-                raise ValueError(f"image array dtype {arr.dtype} is not supported (use uint8)")
+                raise InputError(f"image array dtype {arr.dtype} is not supported (use uint8)")
             f = arr.astype(np.float64)
             if not np.isfinite(f).all():
-                raise ValueError("image contains NaN or Inf values")
+                raise InputError("image contains NaN or Inf values")
             if np.issubdtype(arr.dtype, np.floating):
                 if f.min() < 0 or f.max() > 1:
-                    raise ValueError("float images must be in [0, 1]")
+                    raise InputError("float images must be in [0, 1]")
                 f = f * 255.0
             elif f.min() < 0 or f.max() > 255:
-                raise ValueError("integer images must be in 0..255 (convert to 8-bit first)")
+                raise InputError("integer images must be in 0..255 (convert to 8-bit first)")
             arr = np.clip(np.rint(f), 0, 255).astype(np.uint8)
         image = Image.fromarray(np.ascontiguousarray(arr))
     if not isinstance(image, Image.Image):
-        raise ValueError(f"unsupported image type {type(image).__name__}; pass a PIL image, numpy array or tensor")
+        raise InputError(f"unsupported image type {type(image).__name__}; pass a PIL image, numpy array or tensor")
     _check_size(*image.size)
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
@@ -95,9 +97,9 @@ def to_pil_rgb(image) -> Image.Image:
 
 def _check_size(width: int, height: int) -> None:
     if width * height > MAX_INPUT_PIXELS:
-        raise ValueError(f"image of {width}x{height} pixels is over the 20 megapixel limit")
+        raise InputError(f"image of {width}x{height} pixels is over the 20 megapixel limit")
     if width < MIN_INPUT_SIDE or height < MIN_INPUT_SIDE:
-        raise ValueError(
+        raise InputError(
             f"image of {width}x{height} pixels is smaller than one {MIN_INPUT_SIDE}x{MIN_INPUT_SIDE} patch"
         )
 

@@ -15,7 +15,8 @@
 | synthesize    | generate_image(prompt) once per task     | sc (Secondary Capture, SYN)             |
 
 Input errors (undecodable pixels, bad parameters, sources a writer cannot carry, an engine
-ValueError) raise ``PipelineError`` with a readable ``reason``; other exceptions propagate.
+refusal) raise ``PipelineError`` (``errors.py``) with a readable ``reason`` naming the series and,
+for pixel errors, the instance; any other exception is a bug and propagates with its traceback.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from .base import (
     group_series,
     parse_params,
     provenance_from_engine,
+    series_label,
 )
 from .image_to_image import run_image_to_image
 from .report import run_report, run_vqa, split_report
@@ -72,7 +74,8 @@ def run_task(
 
     ``params`` is the rule's task parameters (``TaskSpec.parameters()``); ``provenance`` defaults
     to one built from ``engine.info``. ``progress(done, total)`` is called between model calls.
-    Raises PipelineError for input errors (its ``reason`` is the job's failure reason).
+    Raises PipelineError for input errors (its ``reason`` is the job's failure reason, naming
+    the series by number and description); every other exception is a bug and propagates.
     """
     task = parse_params(kind, params)
     if provenance is None:
@@ -84,7 +87,11 @@ def run_task(
         run_synthesize(series, task, engine, provenance, out, progress)
     else:
         for s in series:
-            _PER_SERIES[kind](s, task, engine, provenance, out, progress)
+            try:
+                _PER_SERIES[kind](s, task, engine, provenance, out, progress)
+            except PipelineError as exc:
+                # Name the series so the operator can find it without a UID (no PHI in reasons).
+                raise PipelineError(f"{series_label(s)}: {exc.reason}") from exc
     out.summary = _summary(kind, out, len(series))
     # No identifiers here: counts and timing only (logs must not carry PHI).
     log.info(

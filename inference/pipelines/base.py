@@ -7,10 +7,9 @@ network: the job layer hands in datasets and an engine, and gets back datasets a
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -18,7 +17,9 @@ import numpy as np
 from pydicom import Dataset
 
 from inference.preprocess import ModelImage, PreprocessError, decode_frames, series_to_images, sort_slices
-from sr_writers import Code, Provenance, SourceError
+from sr_writers import Code, Provenance
+
+from .errors import PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -27,21 +28,6 @@ TASK_KINDS = ("report", "vqa", "segment", "translate", "super_resolve", "synthes
 OBJECT_KINDS = ("sr", "seg", "tid1500", "sc", "derived")
 
 Progress = Callable[[int, int], None]
-MAX_REASON = 1000
-
-
-class PipelineError(ValueError):
-    """A task that cannot succeed with these inputs (undecodable pixels, bad parameters, a source
-    the writer cannot carry, an engine refusal). ``reason`` is one readable sentence for the job's
-    failure record; retrying the same job gives the same error, so it is not worth a retry."""
-
-    def __init__(self, reason: str) -> None:
-        # One line for the job record: codec errors come as indented multi-line lists.
-        reason = " ".join(str(reason).split())
-        if len(reason) > MAX_REASON:
-            reason = reason[: MAX_REASON - 3] + "..."
-        super().__init__(reason)
-        self.reason = reason
 
 
 class Answer(Protocol):
@@ -244,6 +230,16 @@ class SeriesInput:
     datasets: list[Dataset]  # image instances, sorted along the slice normal (or InstanceNumber)
 
 
+def series_label(series: SeriesInput) -> str:
+    """'series 3 "Axial T2"' (SeriesNumber and SeriesDescription of its first instance), for failure
+    reasons: an operator finds the series in the viewer by these, without a UID."""
+    first = series.datasets[0] if series.datasets else Dataset()
+    number = first.get("SeriesNumber")
+    description = " ".join(str(first.get("SeriesDescription", "") or "").split())
+    label = f"series {number}" if number not in (None, "") else "series (no SeriesNumber)"
+    return f'{label} "{description}"' if description else f"{label} (no description)"
+
+
 def _has_pixels(ds: Dataset) -> bool:
     return any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
 
@@ -273,28 +269,6 @@ def group_series(datasets: Sequence[Dataset], out: PipelineOutput) -> list[Serie
             seen.setdefault(str(d.SOPInstanceUID), d)
         series.append(SeriesInput(uid, sort_slices(list(seen.values()))))
     return series
-
-
-# --------------------------------------------------------------------------- errors
-
-
-@contextlib.contextmanager
-def readable_errors(stage: str) -> Iterator[None]:
-    """Turn the input errors of preprocessing, the engine and the writers into a PipelineError.
-
-    Only ValueError and its subclasses (PreprocessError, SourceError) are input errors: anything
-    else (CUDA out of memory, a bug) propagates with its traceback so the job layer can retry or
-    alert, rather than record it as the input's fault."""
-    try:
-        yield
-    except PipelineError:
-        raise
-    except PreprocessError as exc:
-        raise PipelineError(f"{stage}: cannot prepare the images: {exc}") from exc
-    except SourceError as exc:
-        raise PipelineError(f"{stage}: the source series cannot carry this result: {exc}") from exc
-    except ValueError as exc:
-        raise PipelineError(f"{stage}: {exc}") from exc
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")

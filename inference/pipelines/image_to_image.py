@@ -22,16 +22,15 @@ from sr_writers import Code, DerivedImages, Provenance, write_derived_series
 
 from .base import (
     Engine,
-    PipelineError,
     PipelineOutput,
     Progress,
     SeriesInput,
     TaskParams,
     as_rgb8,
     prepare_images,
-    readable_errors,
     report_progress,
 )
+from .errors import PipelineError, readable_errors
 
 DERIVED_SERIES_NUMBER = {"translate": 9005, "super_resolve": 9007}
 # CID 7203 is extensible; DCM 110001 "Image Processing" is the closest standard code for a

@@ -13,16 +13,15 @@ from sr_writers import Provenance, ReportResult, write_report_sr
 
 from .base import (
     Engine,
-    PipelineError,
     PipelineOutput,
     Progress,
     SeriesInput,
     TaskParams,
     clean_text,
     prepare_images,
-    readable_errors,
     report_progress,
 )
+from .errors import PipelineError, readable_errors
 
 NO_IMPRESSION = "No separate impression was given by the model; see the findings."
 NO_ANSWER = "(the model gave no answer)"

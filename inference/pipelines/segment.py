@@ -20,13 +20,12 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
 
 from inference.preprocess import ModelImage, mask_from_output
-from sr_writers import Provenance, Segment, SegmentationResult, write_measurements_sr, write_seg
+from sr_writers import Provenance, Segment, SegmentationResult, SourceError, write_measurements_sr, write_seg
 from sr_writers.geometry import source_geometry
 from sr_writers.results import SourceFrameKey
 
 from .base import (
     Engine,
-    PipelineError,
     PipelineOutput,
     Progress,
     SeriesInput,
@@ -34,9 +33,9 @@ from .base import (
     TaskParams,
     as_rgb8,
     prepare_images,
-    readable_errors,
     report_progress,
 )
+from .errors import PipelineError, readable_errors
 
 SEG_SERIES_NUMBER = 9002
 MEASUREMENTS_SERIES_NUMBER = 9003
@@ -109,7 +108,19 @@ def run_segment(
     if multiframe and len(series.datasets) != 1:
         raise PipelineError("a series mixing multi-frame objects with other instances cannot be segmented as one")
     with readable_errors("checking the source geometry"):
-        source_geometry(series.datasets)  # before any model time is spent: can a SEG be placed at all?
+        try:
+            source_geometry(series.datasets)
+        except SourceError as exc:
+            # The writer's wording ("need one common FrameOfReferenceUID") reads as if several
+            # disagreed; when the source has none at all, say so.
+            if "FrameOfReferenceUID" in str(exc) and any(
+                not str(d.get("FrameOfReferenceUID", "") or "") for d in series.datasets
+            ):
+                raise PipelineError(
+                    "the source series has no Frame of Reference (FrameOfReferenceUID is missing or "
+                    "empty), so a segmentation cannot be placed on it"
+                ) from exc
+            raise  # before any model time is spent: can a SEG be placed at all?
     images = prepare_images(series, params, out)
     masks: dict[SourceFrameKey, np.ndarray] = {}
     total, done = len(images) * len(params.targets), 0

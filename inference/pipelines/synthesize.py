@@ -11,7 +11,8 @@ import numpy as np
 
 from sr_writers import Provenance, SynthesizedImage, write_secondary_capture
 
-from .base import Engine, PipelineOutput, Progress, SeriesInput, TaskParams, as_rgb8, readable_errors, report_progress
+from .base import Engine, PipelineOutput, Progress, SeriesInput, TaskParams, as_rgb8, report_progress
+from .errors import readable_errors
 
 SC_SERIES_NUMBER = 9004
 

@@ -89,7 +89,7 @@ def _open_fds() -> int:
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
-def test_associations_work_and_release_their_wakeup_pipes(make_settings: Any, start_node: Any, tmp_path: Path) -> None:
+def test_associations_work_and_release_their_sockets(make_settings: Any, start_node: Any, tmp_path: Path) -> None:
     settings = make_settings(f"sqlite:///{tmp_path / 'i.db'}")
     node = start_node(settings, completion=False)
     assert store(node.port, [make_ct()])[0].Status == 0  # warm: pools, writer threads, caches
@@ -104,7 +104,7 @@ def test_associations_work_and_release_their_wakeup_pipes(make_settings: Any, st
         if _open_fds() <= before + 2:
             break
         time.sleep(0.1)
-    assert _open_fds() <= before + 2, "wake-up pipes (or sockets) of ended associations stay open"
+    assert _open_fds() <= before + 2, "sockets of ended associations stay open"
     with Session(node.engine) as s:
         assert len(s.exec(select(Instance)).all()) == 16
 

@@ -180,7 +180,7 @@ def test_understanding_calls_get_at_most_max_images_evenly_spaced() -> None:
 def test_sources_that_cannot_carry_the_result_fail_before_any_model_call(cr_image, ct_series) -> None:
     # engine=None: these must be refused from the headers alone, without spending model time
     seg = {"kind": "segment", "targets": [{"label": "nodule"}], "slices": "all"}
-    with pytest.raises(PipelineError, match="lacks ImagePositionPatient: a mask cannot be placed"):
+    with pytest.raises(PipelineError, match="has no Frame of Reference UID"):
         run_task("segment", [cr_image], seg, engine=None)
     colour = copy.deepcopy(ct_series)
     colour[0].PhotometricInterpretation = "RGB"

@@ -311,8 +311,9 @@ def test_undecodable_pixels_fail_with_a_readable_reason(ct_series) -> None:
 
 def test_engine_refusals_become_pipeline_errors(engine, ct_series, tmp_path) -> None:
     tiny = pydicom.dcmread(make_cr(tmp_path / "tiny", 8, 8))
-    with pytest.raises(PipelineError, match=r"^report generation: image of 8x8 pixels is smaller than one"):
+    refused = r"report generation: the model refused the input: image of 8x8 pixels is smaller than one"
+    with pytest.raises(PipelineError, match=rf'^series \d+ "[^"]+": {refused}'):
         run_task("report", [tiny], {"kind": "report", "slices": "all", **FAST}, engine)
     seg = {"kind": "segment", "targets": [{"label": "lesion"}], "slices": "middle", **FAST, "steps": 1}
-    with pytest.raises(PipelineError, match=r"^segmenting 'lesion': steps must be >= 2"):
+    with pytest.raises(PipelineError, match=r"segmenting 'lesion': the model refused the input: steps must be >= 2"):
         run_task("segment", ct_series, seg, engine)

@@ -143,3 +143,50 @@ def test_mask_resampled_back_onto_source_grid() -> None:
     assert 126 <= xs.min() <= 130 and 190 <= xs.max() <= 194
     f = pp.resample_to_source(np.ones((8, 8), np.float32), 16, 16)
     assert f.shape == (16, 16) and np.allclose(f, 1.0)
+
+
+# --------------------------------------------------------------------------- VOI and Modality LUTs
+
+
+@pytest.mark.parametrize("function", ["LINEAR", "LINEAR_EXACT", "SIGMOID"])
+def test_the_source_voi_function_is_applied(function: str) -> None:
+    stored = np.linspace(824, 1424, 32 * 32).astype(np.uint16).reshape(32, 32)  # -200..400 HU
+    ds = _ct(value=1024)
+    ds.PixelData = stored.tobytes()
+    ds.WindowCenter, ds.WindowWidth, ds.VOILUTFunction = 100, 200, function
+    img = pp.dataset_to_images(ds)[0]
+    x = stored.astype(np.float64) - 1024  # the rescale of _ct
+    c, w = 100.0, 200.0
+    if function == "LINEAR":  # PS3.3 C.11.2.1.2.1
+        expected = np.clip(((x - (c - 0.5)) / (w - 1) + 0.5) * 255, 0, 255)
+    elif function == "LINEAR_EXACT":  # C.11.2.1.3.2
+        expected = np.clip((x - c) / w * 255 + 127.5, 0, 255)
+    else:  # C.11.2.1.3.1
+        expected = 255 / (1 + np.exp(-4 * (x - c) / w))
+    assert np.abs(img.pixels[..., 0].astype(float) - expected).max() <= 1.0
+    if function != "LINEAR":
+        assert any(function in n for n in img.notes)
+    # A window asked for by the rule replaces the source's VOI, linear.
+    asked = pp.dataset_to_images(ds, window=[100, 200])[0]
+    assert asked.window == pp.Window(100.0, 200.0) and not asked.notes
+
+
+def test_voi_lut_sequence_is_applied() -> None:
+    ds = pydicom.dcmread(get_testdata_file("vlut_04.dcm"))
+    item = ds.VOILUTSequence[0]
+    n, first, bits = (int(v) for v in item.LUTDescriptor)
+    raw = ds.pixel_array.astype(np.int64)
+    lut = np.asarray(item.LUTData, dtype=np.float64)
+    expected = lut[np.clip(raw - first, 0, n - 1)] * 255 / (2**bits - 1)
+    img = pp.dataset_to_images(ds)[0]
+    assert np.abs(img.pixels[..., 0].astype(float) - expected).max() <= 1.0
+    assert "VOI LUT Sequence" in " ".join(img.notes)
+
+
+def test_modality_lut_sequence_is_applied() -> None:
+    ds = pydicom.dcmread(get_testdata_file("mlut_18.dcm"))
+    item = ds.ModalityLUTSequence[0]
+    n, first, _ = (int(v) for v in item.LUTDescriptor)
+    raw = ds.pixel_array.astype(np.int64)
+    expected = np.asarray(item.LUTData, dtype=np.float64)[np.clip(raw - first, 0, n - 1)]
+    assert np.array_equal(pp.decode_frames(ds)[0], expected.astype(np.float32))

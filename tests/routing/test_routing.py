@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
 from dicom_node import routing as r
+from dicom_node.config import ConfigError, load_config
+from tests.conftest import REPO
 
 CR = r.SeriesInfo("1.2.3.1", modality="CR", body_part="CHEST", series_description="PA", calling_ae="XRAY1")
 CT = r.SeriesInfo("1.2.3.2", modality="CT", body_part="ABDOMEN", series_description="Portal venous 1.0 mm")
@@ -49,12 +57,28 @@ def test_match_conditions_and_stop() -> None:
     assert [t.rule for t in r.plan_study(rules, [other_ae]).tasks] == ["any-ct"]
 
 
-def test_series_sharing_a_task_are_grouped() -> None:
-    rules = r.parse_rules([{"name": "all-cr", "match": {"Modality": "CR"}, "tasks": [{"kind": "report"}]}])
+def test_each_series_gets_its_own_task_except_study_level_ones() -> None:
+    # The series is the unit: one broken series must fail (and be retried) alone.
+    rules = r.parse_rules(
+        [
+            {
+                "name": "all-cr",
+                "match": {"Modality": "CR"},
+                "tasks": [{"kind": "report"}, {"kind": "synthesize", "prompt": "x"}],
+            }
+        ]
+    )
     a = r.SeriesInfo("1", modality="CR")
     b = r.SeriesInfo("2", modality="CR")
     plan = r.plan_study(rules, [a, b])
-    assert len(plan.tasks) == 1 and plan.tasks[0].series == ["1", "2"]
+    assert [(t.task.kind, t.series) for t in plan.tasks] == [
+        ("report", ["1"]),
+        ("synthesize", ["1", "2"]),
+        ("report", ["2"]),
+    ]
+    keys = [t.idempotency_key("1.2.3", 1, "m") for t in plan.tasks]
+    assert len(set(keys)) == 3
+    assert keys == [t.idempotency_key("1.2.3", 1, "m") for t in r.plan_study(rules, [a, b]).tasks]
 
 
 @pytest.mark.parametrize(
@@ -88,3 +112,30 @@ def test_idempotency_key_is_stable_and_sensitive() -> None:
     assert k1 != t.idempotency_key("1.2.3", 1, "unimedvl-14b")  # new model
     changed = t.task.model_copy(update={"max_new_tokens": 64})
     assert r.PlannedTask(t.rule, changed, t.series).idempotency_key("1.2.3", 1, "unimedvl-tiny") != k1
+
+
+@pytest.mark.parametrize(
+    ("rule_toml", "expected"),
+    [
+        ('name = "cr-vqa"\n[[rules.tasks]]\nkind = "vqa"', 'rules[0] "cr-vqa": tasks[0]: a vqa task needs at least'),
+        ('name = "seg"\n[[rules.tasks]]\nkind = "segment"', 'rules[0] "seg": tasks[0]: a segment task needs'),
+        ('name = "t"\n[[rules.tasks]]\nkind = "report"\npromt = "x"', 'rules[0] "t": tasks[0].promt: unknown key'),
+        ('name = "m"\nmatch = { Modalty = "CT" }', 'rules[0] "m": match.Modalty: unknown key'),
+        ('name = "r"\nmatch = { SeriesDescription = "(" }', 'rules[0] "r": match.SeriesDescription: invalid regular'),
+        ("stop = true", "rules[0]: name: required key is missing"),
+    ],
+)
+def test_a_bad_rule_stops_every_command_with_rule_key_and_reason(tmp_path: Path, rule_toml: str, expected: str) -> None:
+    cfg = tmp_path / "unimedvl.toml"
+    cfg.write_text(f"[[rules]]\n{rule_toml}\n")
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        load_config(cfg)
+    if expected.startswith('rules[0] "cr-vqa"'):  # the CLI: exit 2, no traceback, like other config errors
+        run = subprocess.run(
+            [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(cfg)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        assert run.returncode == 2 and expected in run.stderr and "Traceback" not in run.stderr, run.stderr

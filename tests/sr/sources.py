@@ -143,3 +143,13 @@ def rgb_image(rows: int = 48, cols: int = 64) -> np.ndarray:
 
 def modality_values(ds: Dataset) -> np.ndarray:
     return ds.pixel_array.astype(np.float64) * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0))
+
+
+def real_world_case(name: str) -> list[Dataset]:
+    """The instances of one folder of ../shared/cases/real-world/ (made-up patients), file order."""
+    from tests.conftest import REPO
+
+    folder = REPO.parent / "shared" / "cases" / "real-world" / name
+    files = sorted(folder.glob("*.dcm"))
+    assert files, f"real-world case {name} not found under {folder}"
+    return [pydicom.dcmread(f) for f in files]

@@ -116,5 +116,5 @@ def test_bad_input_is_refused(provenance):
             DerivedImages({str(sources[0].SOPInstanceUID): np.full((32, 32), np.nan)}, "x"), sources, provenance
         )
     mf = build_sources("legacy_enhanced_ct")
-    with pytest.raises(SourceError, match="single-frame"):
+    with pytest.raises(ValueError, match=r"6-frame source must be \(frames, rows, cols"):
         write_derived_series(DerivedImages({str(mf[0].SOPInstanceUID): np.zeros((32, 32))}, "x"), mf, provenance)

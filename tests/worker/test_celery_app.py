@@ -53,7 +53,7 @@ def test_rabbitmq_queues_are_quorum_with_dead_lettering(amqp_url: str) -> None:
                 timeout=60,
             ).stdout
             lines = [line for line in out.splitlines() if suffix in line]
-            assert len(lines) == 3, out
+            assert len(lines) == 4, out  # understanding, generation, batch + dead letters
             for line in lines:
                 assert "quorum" in line
             work = [line for line in lines if "dead" not in line]
