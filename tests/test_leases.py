@@ -128,3 +128,25 @@ def leases_update(model: Any, token: str) -> Any:
     from sqlalchemy import update
 
     return update(model).where(leases.held(model, token)).values(claim_token=leases.new_token())
+
+
+def test_a_job_heartbeat_after_its_own_completion_is_not_a_loss(engine: Engine) -> None:
+    """The keeper may beat between the worker's final commit and its stop: that is not 'claim lost'."""
+    from sqlalchemy import update
+
+    from dicom_node.jobs.models import DONE
+    from dicom_node.jobs.runner import claim, renew
+
+    with Session(engine) as s:
+        s.add(_job(0))
+        s.commit()
+    c = claim(engine, 1, "w")
+    assert c is not None and renew(engine, c)
+    with Session(engine) as s:  # what complete() leaves: done, lease cleared, the token kept
+        s.execute(update(Job).where(col(Job.id) == 1).values(state=DONE, lease_until=None))
+        s.commit()
+    assert renew(engine, c)
+    with Session(engine) as s:  # taken over by another claim: lost
+        s.execute(update(Job).where(col(Job.id) == 1).values(state="running", claim_token=leases.new_token()))
+        s.commit()
+    assert not renew(engine, c)

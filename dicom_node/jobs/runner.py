@@ -129,7 +129,12 @@ def renew(engine: Engine, claim_: Claim, *, now: datetime | None = None) -> bool
         where=[col(Job.id) == claim_.job.id, col(Job.state) == RUNNING],
         updated_at=now,
     )
-    return n > 0
+    if n:
+        return True
+    # A beat that lands after this worker recorded the job done/failed (token kept) is not a loss.
+    with Session(engine) as s:
+        job = s.get(Job, claim_.job.id)
+        return job is not None and job.claim_token == claim_.token and job.state in (DONE, FAILED)
 
 
 def heartbeat(engine: Engine, claim_: Claim) -> leases.LeaseKeeper:
