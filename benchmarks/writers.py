@@ -25,6 +25,7 @@ import pydicom
 from rich.console import Console
 from rich.table import Table
 
+from dicom_node.synthetic import ct_series
 from sr_writers import (
     DerivedImages,
     Provenance,
@@ -39,7 +40,6 @@ from sr_writers import (
     write_secondary_capture,
     write_seg,
 )
-from sr_writers.synthetic import ct_series
 
 N_SLICES, SIZE = 100, 256
 MIN_SECONDS, MIN_RUNS = 1.5, 3

@@ -18,7 +18,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import MetaData, event
 from sqlalchemy.engine import Engine, make_url
-from sqlmodel import Session, SQLModel, create_engine
+from sqlmodel import Session, SQLModel, col, create_engine, select
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -107,6 +107,16 @@ def current_revision(url: str) -> str | None:
             return MigrationContext.configure(conn).get_current_revision()
     finally:
         engine.dispose()
+
+
+def newest_page(model: Any, *, limit: int, offset: int = 0, **equal: Any) -> Any:
+    """SELECT of `model` rows, newest (highest id) first, one page; `column=value` filters for the
+    values given (None or "" means no filter). For the listings of the CLI and the status API."""
+    query = select(model)
+    for name, value in equal.items():
+        if value not in (None, ""):
+            query = query.where(getattr(model, name) == value)
+    return query.order_by(col(model.id).desc()).offset(offset).limit(limit)
 
 
 @contextmanager

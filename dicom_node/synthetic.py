@@ -1,21 +1,26 @@
-"""Synthetic but standard-conformant DICOM test objects: a CT series and a CR chest.
+"""Synthetic studies: the one source of made-up DICOM data for the demo, the tests and the benchmarks.
 
-The pixel data is a phantom (body, lungs, spine, a lesion) so model and preprocessing tests
-have structure to look at. The headers carry full geometry, so writers that must keep the
-source geometry (SEG, derived series) have something real to keep. Nothing here is PHI.
+- `make_ct_series(dir, n)` / `make_cr(dir)`: files of a chest CT series and a PA chest CR with a
+  phantom (body, lungs, spine, a lesion), full geometry, passing `dciodvfy -new` without Error
+  lines (tests/bench checks it); what `unimedvl demo` and the benchmarks send.
+- `ct_series(n, order=..., oblique_deg=..., gaps=...)`: an in-memory CT series with the geometry
+  real archives deliver (any slice order, descending positions, oblique planes, missing slices),
+  UTF-8 names; for the writers' geometry tests.
+- `ct_instance(...)`: one tiny CT dataset with given UIDs and identity, for protocol tests.
 
-Objects pass `dciodvfy -new` without Error lines (tests/bench checks it).
+Nothing here is PHI. UIDs are pydicom's `generate_uid` under 2.25 (a random UUID). Bad
+arguments (no slices, an unknown slice order) raise ValueError.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import uuid
+import random
 from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
@@ -23,7 +28,10 @@ CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 
 def new_uid() -> str:
     """A UID under the 2.25 root derived from a random UUID (no registered root needed)."""
-    return f"2.25.{uuid.uuid4().int}"
+    return generate_uid(prefix=None)
+
+
+_uid = new_uid
 
 
 def _file_meta(sop_class: str, sop_instance: str) -> FileMetaDataset:
@@ -34,6 +42,18 @@ def _file_meta(sop_class: str, sop_instance: str) -> FileMetaDataset:
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     meta.ImplementationVersionName = "UNIMEDVL_BENCH"
     return meta
+
+
+def _grayscale_pixels(ds: Dataset, pixels: np.ndarray, bits_stored: int, *, signed: bool = False) -> None:
+    """Image Pixel module for a 16-bit MONOCHROME2 frame (rows x cols array of stored values)."""
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.BitsAllocated = 16
+    ds.BitsStored = bits_stored
+    ds.HighBit = bits_stored - 1
+    ds.PixelRepresentation = 1 if signed else 0
+    ds.PixelData = pixels.astype("<i2" if signed else "<u2").tobytes()
 
 
 def _patient_study(ds: Dataset, *, patient_id: str, study_uid: str, now: dt.datetime) -> None:
@@ -156,21 +176,13 @@ def make_ct_series(
         ds.SliceLocation = z
         ds.SliceThickness = slice_thickness
         ds.KVP = 120
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows = rows
-        ds.Columns = cols
-        ds.BitsAllocated = 16
-        ds.BitsStored = 16
-        ds.HighBit = 15
-        ds.PixelRepresentation = 1
+        _grayscale_pixels(ds, stored, 16, signed=True)
         ds.RescaleIntercept = -1024
         ds.RescaleSlope = 1
         ds.RescaleType = "HU"
         ds.WindowCenter = [40, -600]
         ds.WindowWidth = [400, 1500]
         ds.WindowCenterWidthExplanation = ["MEDIASTINUM", "LUNG"]
-        ds.PixelData = stored.tobytes()
         path = out / f"ct_{i + 1:05d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
@@ -235,17 +247,120 @@ def make_cr(
     ds.PatientOrientation = ["L", "F"]
     ds.ImageType = ["ORIGINAL", "PRIMARY"]
     ds.ImagerPixelSpacing = [pixel_spacing, pixel_spacing]
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows = rows
-    ds.Columns = cols
-    ds.BitsAllocated = 16
-    ds.BitsStored = 12
-    ds.HighBit = 11
-    ds.PixelRepresentation = 0
+    _grayscale_pixels(ds, pixels, 12)
     ds.WindowCenter = 2048
     ds.WindowWidth = 4096
-    ds.PixelData = pixels.tobytes()
     path = out / "cr_00001.dcm"
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+# --------------------------------------------------------------------------------------------- in memory
+
+
+def _rotation(angle_deg: float) -> np.ndarray:
+    """Oblique orientation: rotate the axial plane about the patient x axis, then about z."""
+    a = np.deg2rad(angle_deg)
+    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    rz = np.array([[np.cos(a / 2), -np.sin(a / 2), 0], [np.sin(a / 2), np.cos(a / 2), 0], [0, 0, 1]])
+    return rz @ rx
+
+
+def ct_series(
+    n_slices: int = 8,
+    rows: int = 32,
+    columns: int = 32,
+    *,
+    order: str = "ascending",
+    oblique_deg: float = 0.0,
+    gaps: tuple[int, ...] = (),
+    spacing: float = 2.5,
+    pixel_spacing: tuple[float, float] = (0.8, 0.7),
+    patient_name: str = "Müller^Jürgen",
+    seed: int = 0,
+) -> list[Dataset]:
+    """``n_slices`` CT slices of one series; ``gaps`` lists slice indices left out of the volume.
+
+    order: 'ascending' (z grows with InstanceNumber), 'descending', or 'random' (shuffled list).
+    """
+    rng = random.Random(seed)
+    study_uid, series_uid, for_uid = _uid(), _uid(), _uid()
+    rot = _rotation(oblique_deg) if oblique_deg else np.eye(3)
+    row_dir, col_dir = rot @ np.array([1.0, 0, 0]), rot @ np.array([0, 1.0, 0])
+    normal = np.cross(row_dir, col_dir)
+    origin = np.array([-columns * pixel_spacing[1] / 2, -rows * pixel_spacing[0] / 2, -40.0])
+    now = dt.datetime(2026, 1, 2, 3, 4, 5)
+    yy, xx = np.mgrid[0:rows, 0:columns]
+    out = []
+    kept = [k for k in range(n_slices + len(gaps)) if k not in gaps]
+    for inst, k in enumerate(kept, start=1):
+        ds = Dataset()
+        ds.SpecificCharacterSet = "ISO_IR 192"
+        ds.SOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = _uid()
+        ds.file_meta = _file_meta(CTImageStorage, ds.SOPInstanceUID)
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, for_uid
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = patient_name, "SYN-0001", "19600101", "M"
+        ds.StudyDate = ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
+        ds.StudyTime = ds.SeriesTime = ds.ContentTime = now.strftime("%H%M%S")
+        ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "1", "ACC0001", ""
+        ds.StudyDescription = "CT Thorax (synthetisch)"
+        ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "CT", 1, inst
+        ds.SeriesDescription = "Thorax 2.5mm"
+        ds.BodyPartExamined = "CHEST"
+        ds.Manufacturer, ds.PositionReferenceIndicator = "SyntheticCT", ""
+        ds.PatientPosition = "HFS"
+        ds.AcquisitionNumber, ds.KVP = 1, 120
+        pos = origin + normal * (k * spacing)
+        ds.ImagePositionPatient = [round(float(v), 4) for v in pos]
+        ds.ImageOrientationPatient = [round(float(v), 6) for v in (*row_dir, *col_dir)]
+        ds.SliceLocation = round(float(np.dot(pos, normal)), 4)
+        ds.SliceThickness, ds.PixelSpacing = spacing, list(pixel_spacing)
+        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = -1024, 1, "HU"
+        ds.WindowCenter, ds.WindowWidth = 40, 400
+        r = np.hypot(yy - rows / 2, xx - columns / 2)
+        hu = np.where(r < rows * 0.4, 40 + 10 * np.sin(k + xx / 5.0), -1000).astype(np.int32)
+        _grayscale_pixels(ds, (hu + 1024).clip(0, 4095), 12)
+        out.append(ds)
+    if order == "descending":
+        out.reverse()
+    elif order == "random":
+        rng.shuffle(out)
+    elif order != "ascending":
+        raise ValueError(f"order must be ascending, descending or random, not {order!r}")
+    return out
+
+
+def ct_instance(
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    sop_uid: str | None = None,
+    *,
+    patient_id: str = "PAT-1",
+    instance_number: int = 1,
+    size: int = 8,
+    fill: int = 0,
+) -> Dataset:
+    """One small CT Image Storage dataset in memory (size x size, 16 bit, file meta, no geometry).
+
+    For protocol tests that need many distinct instances fast: pixels are `fill + instance_number`,
+    identity and UIDs as given (new ones otherwise).
+    """
+    ds = Dataset()
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = sop_uid or _uid()
+    ds.StudyInstanceUID = study_uid or _uid()
+    ds.SeriesInstanceUID = series_uid or _uid()
+    ds.PatientID = patient_id
+    ds.PatientName = "Test^Patient"
+    ds.AccessionNumber = "ACC1"
+    ds.StudyDate = "20250101"
+    ds.Modality = "CT"
+    ds.BodyPartExamined = "CHEST"
+    ds.SeriesDescription = "axial"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = instance_number
+    _grayscale_pixels(ds, np.full((size, size), fill, dtype=np.uint16) + instance_number, 16)
+    ds.file_meta = _file_meta(CTImageStorage, ds.SOPInstanceUID)
+    return ds

@@ -12,7 +12,6 @@ from pathlib import Path
 import highdicom as hd
 from pydicom import Dataset, dcmwrite
 from pydicom.dataset import FileMetaDataset
-from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
@@ -78,13 +77,6 @@ def apply_provenance(ds: Dataset, provenance: Provenance) -> None:
     ds.DeviceSerialNumber = provenance.serial_number
     if provenance.institution_name:
         ds.InstitutionName = provenance.institution_name
-
-
-def add_contributing_equipment(ds: Dataset, provenance: Provenance, purpose: str, description: str) -> None:
-    """Append the AI model to ContributingEquipmentSequence, keeping equipment already listed."""
-    item = contributing_equipment(provenance, purpose, description)
-    existing = list(ds.get("ContributingEquipmentSequence", []))
-    ds.ContributingEquipmentSequence = DicomSequence([*existing, item])
 
 
 def copy_identity(ds: Dataset, source: Dataset) -> None:

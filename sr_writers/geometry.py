@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import highdicom as hd
 import numpy as np
 from pydicom import Dataset
 
@@ -64,8 +65,8 @@ class SourceGeometry:
 
 
 def _normal(iop: np.ndarray) -> np.ndarray:
-    n = np.cross(iop[:3], iop[3:])
-    return n / np.linalg.norm(n)
+    """Unit slice normal, row direction x column direction (highdicom's, PS3.3 C.7.6.2.1.1)."""
+    return hd.spatial.get_normal_vector(iop)
 
 
 def _floats(value, n: int, what: str) -> np.ndarray:

@@ -2,13 +2,15 @@
 
 The default root "2.25." turns a random UUID into a UID (PS3.5 B.2), which needs no
 registration. A site with its own registered root passes it as ``uid_root``; the rest of the
-UID is then drawn from a UUID as well, so two writers never collide.
+UID is then random digits (pydicom's generate_uid), so two writers never collide.
 """
 
 from __future__ import annotations
 
 import re
 import uuid
+
+from pydicom.uid import generate_uid
 
 DEFAULT_UID_ROOT = "2.25."
 _MAX_UID_LEN = 64
@@ -28,19 +30,23 @@ def check_uid_root(root: str) -> str:
 
 
 def new_uid(root: str | None = None) -> str:
-    """A fresh UID: ``root`` followed by digits of a random UUID, at most 64 characters."""
+    """A fresh UID, at most 64 characters: under "2.25." the decimal value of a random UUID
+    (PS3.5 B.2); under a site root, random digits filling the rest (pydicom's generate_uid).
+
+    Raises ValueError for a root that cannot start a UID (check_uid_root).
+    """
     root = check_uid_root(root or DEFAULT_UID_ROOT)
-    value = uuid.uuid4().int
-    if root == DEFAULT_UID_ROOT:
-        return f"{root}{value}"
-    # Under a site root the full 39-digit UUID integer may not fit: keep as many bits as fit.
-    digits = str(value)[: _MAX_UID_LEN - len(root)].lstrip("0") or "1"
-    return f"{root}{digits}"
+    return str(generate_uid(prefix=None if root == DEFAULT_UID_ROOT else root))
 
 
 def stable_uid(name: str, root: str | None = None) -> str:
-    """The same UID for the same ``name`` (UUID v5), under ``root``: e.g. one device UID per model."""
+    """The same UID for the same ``name`` under ``root``: e.g. one device UID per model.
+
+    Under a site root: pydicom's generate_uid with ``name`` as its entropy source. Under "2.25."
+    a UUID v5 of ``name``: generate_uid's entropy path would append a 59-digit hash there, and a
+    2.25 UID must be the value of a UUID (PS3.5 B.2). Raises ValueError for a bad root.
+    """
     root = check_uid_root(root or DEFAULT_UID_ROOT)
-    value = uuid.uuid5(uuid.NAMESPACE_OID, name).int
-    digits = str(value)[: _MAX_UID_LEN - len(root)].lstrip("0") or "1"
-    return f"{root}{digits}"
+    if root == DEFAULT_UID_ROOT:
+        return f"{root}{uuid.uuid5(uuid.NAMESPACE_OID, name).int}"
+    return str(generate_uid(prefix=root, entropy_srcs=[name]))

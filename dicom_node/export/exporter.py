@@ -39,6 +39,7 @@ from dicom_node.export.outbox import (
 )
 from dicom_node.export.outcome import Kind, Outcome, SendItem
 from dicom_node.export.stow import StowSender
+from dicom_node.leases import CLEARED, LeaseKeeper
 
 log = logging.getLogger(__name__)
 
@@ -234,29 +235,22 @@ class Exporter:
 
         # Keep the lease fresh while sending: a short lease lets a crashed exporter's rows come back
         # quickly, and a long batch is never mistaken for an abandoned one.
-        stop_renewing = threading.Event()
-
-        def keep_lease() -> None:
-            while not stop_renewing.wait(self.policy.lease_seconds / 3):
-                try:
-                    renew_lease(self.engine, token, clock(), self.policy.lease_seconds)
-                except Exception:
-                    log.warning("export %s: could not renew the lease of a batch", dest.name, exc_info=True)
-
-        renewer = threading.Thread(target=keep_lease, name=f"lease-{dest.name}", daemon=True)
-        renewer.start()
+        renewing = LeaseKeeper(
+            lambda: renew_lease(self.engine, token, clock(), self.policy.lease_seconds),
+            self.policy.lease_seconds,
+            name=f"export {dest.name}",
+        )
         try:
-            groups = split_evenly(items, min(self.policy.parallel, max(1, len(items) // MIN_PER_CONNECTION)))
-            if len(groups) == 1:
-                self._sender(dest).send(groups[0], report)
-            elif groups:
-                # Overlap our per-instance overhead with the PACS's processing time.
-                with ThreadPoolExecutor(max_workers=len(groups), thread_name_prefix=f"export-{dest.name}") as pool:
-                    for f in [pool.submit(self._sender(dest).send, g, report) for g in groups]:
-                        f.result()
+            with renewing:
+                groups = split_evenly(items, min(self.policy.parallel, max(1, len(items) // MIN_PER_CONNECTION)))
+                if len(groups) == 1:
+                    self._sender(dest).send(groups[0], report)
+                elif groups:
+                    # Overlap our per-instance overhead with the PACS's processing time.
+                    with ThreadPoolExecutor(max_workers=len(groups), thread_name_prefix=f"export-{dest.name}") as pool:
+                        for f in [pool.submit(self._sender(dest).send, g, report) for g in groups]:
+                            f.result()
         finally:
-            stop_renewing.set()
-            renewer.join()
             apply_updates(self.engine, token, pending)
             pending.clear()
             # Anything the sender did not report on (an unexpected exception) goes back to pending.
@@ -264,7 +258,7 @@ class Exporter:
 
     @staticmethod
     def _release_values(now: datetime) -> dict[str, Any]:
-        return {"state": PENDING, "claim_token": None, "lease_until": None, "updated_at": now}
+        return {"state": PENDING, **CLEARED, "updated_at": now}
 
     def _final(
         self, row: OutboxRow, state: str, status: int | None, message: str, now: datetime, result: RoundResult
@@ -282,8 +276,7 @@ class Exporter:
                 "last_status": status,
                 "last_error": message,
                 "updated_at": now,
-                "claim_token": None,
-                "lease_until": None,
+                **CLEARED,
             },
         )
 
@@ -303,8 +296,7 @@ class Exporter:
                 "updated_at": now,
                 "last_status": out.status if out.status is not None else 0,
                 "last_error": out.message if out.kind is Kind.WARNING else None,
-                "claim_token": None,
-                "lease_until": None,
+                **CLEARED,
             }
             metrics.SENT.labels(name).inc()
             with self._lock:
@@ -344,8 +336,7 @@ class Exporter:
                     "last_status": out.status,
                     "last_error": out.message,
                     "updated_at": now,
-                    "claim_token": None,
-                    "lease_until": None,
+                    **CLEARED,
                 },
             )
         message = out.message or "send failed"
@@ -390,7 +381,6 @@ class Exporter:
                 "last_status": out.status,
                 "last_error": f"{refused}; re-rendered as BINARY SEG, outbox row {new_rows[0].id}",
                 "updated_at": now,
-                "claim_token": None,
-                "lease_until": None,
+                **CLEARED,
             },
         )

@@ -12,10 +12,10 @@ from datetime import datetime
 from sqlalchemy import BigInteger, Column, Index, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
+from dicom_node.leases import DONE, FAILED
+
 PENDING = "pending"
-SENDING = "sending"
-DONE = "done"
-FAILED = "failed"
+SENDING = "sending"  # claimed by an exporter holding an unexpired lease
 # A LABELMAP SEG the destination refused, replaced by its BINARY re-rendering (row `fallback_of` = this id).
 SUPERSEDED = "superseded"
 STATES = (PENDING, SENDING, DONE, FAILED, SUPERSEDED)

@@ -10,10 +10,9 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from pydicom import dcmread
@@ -24,6 +23,8 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
+from dicom_node import leases
+from dicom_node.db import newest_page
 from dicom_node.export.models import DONE, FAILED, PENDING, SENDING, SUPERSEDED, OutboxRow
 
 log = logging.getLogger(__name__)
@@ -231,7 +232,6 @@ def claim_due(
     engine: Engine, destination: str, now: datetime, *, limit: int, lease_seconds: float
 ) -> tuple[str, list[OutboxRow]]:
     """Atomically move up to `limit` due pending rows of `destination` to "sending" under a new token."""
-    token = uuid.uuid4().hex
     with Session(engine, expire_on_commit=False) as session:
         due = (
             select(OutboxRow.id)
@@ -241,20 +241,18 @@ def claim_due(
         )
         if engine.dialect.name == "postgresql":
             due = due.with_for_update(skip_locked=True)
-        session.execute(
-            update(OutboxRow)
-            .where(col(OutboxRow.id).in_(due.scalar_subquery()), OutboxRow.state == PENDING)
-            .values(
-                state=SENDING,
-                claim_token=token,
-                claimed_at=now,
-                lease_until=now + timedelta(seconds=lease_seconds),
-                updated_at=now,
-            )
-            .execution_options(synchronize_session=False)
+        token, _ = leases.claim(
+            session,
+            OutboxRow,
+            [col(OutboxRow.id).in_(due.scalar_subquery()), OutboxRow.state == PENDING],
+            now=now,
+            lease_seconds=lease_seconds,
+            state=SENDING,
+            claimed_at=now,
+            updated_at=now,
         )
         session.commit()
-        rows = list(session.exec(select(OutboxRow).where(OutboxRow.claim_token == token).order_by(col(OutboxRow.id))))
+        rows = list(session.exec(select(OutboxRow).where(leases.held(OutboxRow, token)).order_by(col(OutboxRow.id))))
     return token, rows
 
 
@@ -267,8 +265,8 @@ def recover_expired(engine: Engine, now: datetime) -> int:
     with Session(engine) as session:
         result = session.execute(
             update(OutboxRow)
-            .where(OutboxRow.state == SENDING, OutboxRow.lease_until < now)  # type: ignore[operator]
-            .values(state=PENDING, claim_token=None, lease_until=None, next_attempt_at=now, updated_at=now)
+            .where(OutboxRow.state == SENDING, leases.expired(OutboxRow, now))
+            .values(state=PENDING, **leases.CLEARED, next_attempt_at=now, updated_at=now)
             .execution_options(synchronize_session=False)
         )
         session.commit()
@@ -312,7 +310,7 @@ def apply_updates(engine: Engine, token: str, updates: Sequence[RowUpdate]) -> N
         for u in updates:
             session.execute(
                 update(OutboxRow)
-                .where(OutboxRow.id == u.row_id, OutboxRow.claim_token == token)
+                .where(OutboxRow.id == u.row_id, leases.held(OutboxRow, token))
                 .values(**u.values)
                 .execution_options(synchronize_session=False)
             )
@@ -321,28 +319,12 @@ def apply_updates(engine: Engine, token: str, updates: Sequence[RowUpdate]) -> N
 
 def renew_lease(engine: Engine, token: str, now: datetime, lease_seconds: float) -> int:
     """Extend the lease of the rows still held under `token` (the exporter is alive and sending)."""
-    with Session(engine) as session:
-        n = session.execute(
-            update(OutboxRow)
-            .where(OutboxRow.claim_token == token)
-            .values(lease_until=now + timedelta(seconds=lease_seconds))
-            .execution_options(synchronize_session=False)
-        ).rowcount  # type: ignore[attr-defined]
-        session.commit()
-    return n or 0
+    return leases.renew(engine, OutboxRow, token, now=now, lease_seconds=lease_seconds)
 
 
 def release_claim(engine: Engine, token: str, now: datetime) -> int:
     """Rows still held under `token` (never reported on) go back to "pending", attempts unchanged."""
-    with Session(engine) as session:
-        n = session.execute(
-            update(OutboxRow)
-            .where(OutboxRow.claim_token == token)
-            .values(state=PENDING, claim_token=None, lease_until=None, updated_at=now)
-            .execution_options(synchronize_session=False)
-        ).rowcount  # type: ignore[attr-defined]
-        session.commit()
-    return n or 0
+    return leases.release(engine, OutboxRow, token, state=PENDING, updated_at=now)
 
 
 # --------------------------------------------------------------------------------------------- operator actions
@@ -426,18 +408,15 @@ def summary(engine: Engine, *, last_errors: int = 5) -> list[DestinationSummary]
 def rows(
     engine: Engine,
     *,
-    state: str | None = None,
-    destination: str | None = None,
     limit: int = 100,
     offset: int = 0,
+    state: str | None = None,
+    destination: str | None = None,
 ) -> list[OutboxRow]:
+    """Outbox rows, newest first, one page; optionally of one state and/or destination."""
     with Session(engine, expire_on_commit=False) as session:
-        query = select(OutboxRow)
-        if state:
-            query = query.where(OutboxRow.state == state)
-        if destination:
-            query = query.where(OutboxRow.destination == destination)
-        return list(session.exec(query.order_by(col(OutboxRow.id).desc()).offset(offset).limit(limit)))
+        page = newest_page(OutboxRow, limit=limit, offset=offset, state=state, destination=destination)
+        return list(session.exec(page))
 
 
 def get_row(engine: Engine, row_id: int) -> OutboxRow | None:

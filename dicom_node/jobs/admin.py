@@ -10,6 +10,8 @@ from sqlalchemy import func, update
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
+from dicom_node import leases
+from dicom_node.db import newest_page
 from dicom_node.jobs.models import DONE, FAILED, PLANNED, QUEUED, RUNNING, Job, JobOutput, StudyPlanRecord
 from dicom_node.jobs.settings import JobSettings, utcnow
 
@@ -48,8 +50,7 @@ def retry_jobs(
                     state=PLANNED,
                     max_attempts=Job.attempts + allowance,
                     retries=Job.retries + 1,
-                    lease_until=None,
-                    claim_token=None,
+                    **leases.CLEARED,
                     finished_at=None,
                     updated_at=now,
                 )
@@ -105,12 +106,8 @@ def list_jobs(
 ) -> list[dict[str, Any]]:
     """Newest first, with their outputs (JSON-friendly, for `unimedvl jobs` and GET /api/jobs)."""
     with Session(engine) as s:
-        query = select(Job)
-        if state:
-            query = query.where(Job.state == state)
-        if study_instance_uid:
-            query = query.where(Job.study_instance_uid == study_instance_uid)
-        jobs = s.exec(query.order_by(col(Job.id).desc()).offset(offset).limit(limit)).all()
+        page = newest_page(Job, limit=limit, offset=offset, state=state, study_instance_uid=study_instance_uid)
+        jobs = s.exec(page).all()
         ids = [j.id for j in jobs]
         outs: dict[int, list[JobOutput]] = {}
         if ids:

@@ -59,7 +59,11 @@ class WorkerContext:
     # ------------------------------------------------------------------ model
 
     def engine(self) -> Any:
-        """The engine, loaded on first use and kept for the life of the process."""
+        """The engine, loaded on first use and kept for the life of the process.
+
+        Raises what `inference.engine.load_engine` raises for a bad checkpoint (FileNotFoundError,
+        ValueError naming the file or tensor); the next call tries again.
+        """
         with self._lock:
             if self._engine is None:
                 self._engine = self._load()
@@ -105,6 +109,11 @@ class WorkerContext:
         return outputs, out.summary, dict(out.model) or dict(engine.info)
 
     def run(self, job_id: int) -> str:
+        """Run job `job_id` (dicom_node.jobs.runner.execute_job); returns its outcome word.
+
+        A job's own failure is recorded on its row, never raised. When the model cannot be loaded
+        this raises celery's Reject (message re-queued) and asks this worker to stop.
+        """
         try:
             self.engine()
         except Exception as exc:
@@ -145,7 +154,10 @@ def set_settings(settings: Any, device: str | None = None, parts: str = "all") -
 
 
 def current_context() -> WorkerContext:
-    """This process's context, built on first use (a forked child builds its own DB pool)."""
+    """This process's context, built on first use (a forked child builds its own DB pool).
+
+    Raises dicom_node.config.ConfigError when no settings were set and the config file is bad.
+    """
     global _context, _context_pid
     with _context_lock:
         if _context is None or _context_pid != os.getpid():

@@ -14,11 +14,11 @@ from typing import Any
 from sqlalchemy import JSON, BigInteger, Column, Index, Integer, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
+from dicom_node.leases import DONE, FAILED
+
 PLANNED = "planned"  # committed, not (known to be) published yet
 QUEUED = "queued"  # published to the broker
 RUNNING = "running"  # claimed by a worker holding an unexpired lease
-DONE = "done"
-FAILED = "failed"
 STATES = (PLANNED, QUEUED, RUNNING, DONE, FAILED)
 
 

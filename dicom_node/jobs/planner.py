@@ -24,6 +24,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
+from dicom_node import leases
 from dicom_node.jobs.models import DONE, FAILED, PLANNED, QUEUED, RUNNING, Job, StudyPlanRecord
 from dicom_node.jobs.settings import JobSettings, as_utc, model_version, utcnow
 from dicom_node.models import Instance, Series, Study
@@ -283,12 +284,10 @@ class Planner:
         now = now or utcnow()
         r = SweepResult()
         with Session(self.engine) as s:
-            expired = s.exec(
-                select(Job).where(Job.state == RUNNING, col(Job.lease_until) < now)  # type: ignore[operator]
-            ).all()
+            expired = s.exec(select(Job).where(Job.state == RUNNING, leases.expired(Job, now))).all()
             for job in expired:
                 exhausted = job.attempts >= job.max_attempts
-                values: dict[str, Any] = {"updated_at": now, "lease_until": None, "claim_token": None}
+                values: dict[str, Any] = {"updated_at": now, **leases.CLEARED}
                 if exhausted:
                     values.update(
                         state=FAILED,
@@ -302,7 +301,7 @@ class Planner:
                     values.update(state=PLANNED)
                 n = s.execute(
                     update(Job)
-                    .where(col(Job.id) == job.id, col(Job.state) == RUNNING, col(Job.claim_token) == job.claim_token)
+                    .where(col(Job.id) == job.id, col(Job.state) == RUNNING, leases.held(Job, job.claim_token or ""))
                     .values(**values)
                 ).rowcount  # type: ignore[attr-defined]
                 if n:

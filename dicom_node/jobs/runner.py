@@ -14,11 +14,9 @@ import hashlib
 import logging
 import os
 import socket
-import threading
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from pydicom import Dataset, dcmread
@@ -26,6 +24,7 @@ from sqlalchemy import update
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
+from dicom_node import leases
 from dicom_node.export.outbox import EnqueueError, enqueue, part10_bytes
 from dicom_node.jobs.models import DONE, FAILED, PLANNED, QUEUED, RUNNING, Job, JobOutput
 from dicom_node.jobs.settings import one_line, utcnow
@@ -68,30 +67,25 @@ def claim(engine: Engine, job_id: int, worker: str | None = None, *, now: dateti
     """
     now = now or utcnow()
     worker = worker or worker_name()
-    token = uuid.uuid4().hex
     with Session(engine, expire_on_commit=False) as s:
         job = s.get(Job, job_id)
         if job is None:
             log.warning("job %s is not in the database; message ignored", job_id)
             return None
-        claimable = (col(Job.state).in_([PLANNED, QUEUED])) | (
-            (col(Job.state) == RUNNING) & (col(Job.lease_until) < now)  # type: ignore[operator]
+        claimable = (col(Job.state).in_([PLANNED, QUEUED])) | ((col(Job.state) == RUNNING) & leases.expired(Job, now))
+        token, n = leases.claim(
+            s,
+            Job,
+            [col(Job.id) == job_id, col(Job.attempts) < col(Job.max_attempts), claimable],
+            now=now,
+            lease_seconds=job.lease_seconds,
+            state=RUNNING,
+            attempts=Job.attempts + 1,
+            worker=worker[:255],
+            started_at=now,
+            updated_at=now,
+            error=None,
         )
-        n = s.execute(
-            update(Job)
-            .where(col(Job.id) == job_id, col(Job.attempts) < col(Job.max_attempts), claimable)
-            .values(
-                state=RUNNING,
-                attempts=Job.attempts + 1,
-                lease_until=now + timedelta(seconds=job.lease_seconds),
-                claim_token=token,
-                worker=worker[:255],
-                started_at=now,
-                updated_at=now,
-                error=None,
-            )
-            .execution_options(synchronize_session=False)
-        ).rowcount  # type: ignore[attr-defined]
         if n:
             s.commit()
             s.expire_all()
@@ -126,46 +120,32 @@ def claim(engine: Engine, job_id: int, worker: str | None = None, *, now: dateti
 def renew(engine: Engine, claim_: Claim, *, now: datetime | None = None) -> bool:
     """Extend the lease; False when this worker no longer holds the job."""
     now = now or utcnow()
+    n = leases.renew(
+        engine,
+        Job,
+        claim_.token,
+        now=now,
+        lease_seconds=claim_.job.lease_seconds,
+        where=[col(Job.id) == claim_.job.id, col(Job.state) == RUNNING],
+        updated_at=now,
+    )
+    if n:
+        return True
+    # A beat that lands after this worker recorded the job done/failed (token kept) is not a loss.
     with Session(engine) as s:
-        n = s.execute(
-            update(Job)
-            .where(col(Job.id) == claim_.job.id, col(Job.claim_token) == claim_.token, col(Job.state) == RUNNING)
-            .values(lease_until=now + timedelta(seconds=claim_.job.lease_seconds), updated_at=now)
-        ).rowcount  # type: ignore[attr-defined]
-        s.commit()
-    return bool(n)
+        job = s.get(Job, claim_.job.id)
+        return job is not None and job.claim_token == claim_.token and job.state in (DONE, FAILED)
 
 
-class Heartbeat:
-    """Renews the lease every lease/3 seconds while the model runs (a daemon thread)."""
-
-    def __init__(self, engine: Engine, claim_: Claim) -> None:
-        self.engine = engine
-        self.claim = claim_
-        self.interval = max(0.2, claim_.job.lease_seconds / 3)
-        self.lost = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"job-{claim_.job.id}-heartbeat", daemon=True)
-
-    def __enter__(self) -> Heartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join(10)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                if not renew(self.engine, self.claim):
-                    self.lost.set()
-                    log.warning(
-                        "job %s: claim lost (lease expired and re-queued); result will be dropped", self.claim.job.id
-                    )
-                    return
-            except Exception as exc:  # DB hiccup: the next beat tries again, the lease has margin
-                log.warning("job %s: lease renewal failed (%s)", self.claim.job.id, type(exc).__name__)
+def heartbeat(engine: Engine, claim_: Claim) -> leases.LeaseKeeper:
+    """Renews the job's lease every lease/3 seconds while the model runs; `.lost` once taken over."""
+    return leases.LeaseKeeper(
+        lambda: int(renew(engine, claim_)),
+        claim_.job.lease_seconds,
+        name=f"job {claim_.job.id}",
+        stop_when_lost=True,
+        min_interval=0.2,  # a DB write per beat: tiny test leases must not turn into a busy loop
+    )
 
 
 def load_datasets(engine: Engine, storage: Storage, job: Job) -> list[Dataset]:
@@ -245,7 +225,7 @@ def complete(
         # Lock the job row first (PostgreSQL; SQLite's BEGIN IMMEDIATE already serialises writers)
         # so the sweeper cannot re-queue it between this check and the commit.
         job = s.exec(select(Job).where(Job.id == job_id).with_for_update()).one()
-        if job.state != RUNNING or job.claim_token != claim_.token:
+        if job.state != RUNNING or job.claim_token != claim_.token:  # the claim moved on
             s.rollback()
             return None
         records = []
@@ -286,7 +266,7 @@ def fail(engine: Engine, claim_: Claim, reason: str, *, now: datetime | None = N
     with Session(engine) as s:
         n = s.execute(
             update(Job)
-            .where(col(Job.id) == claim_.job.id, col(Job.claim_token) == claim_.token, col(Job.state) == RUNNING)
+            .where(col(Job.id) == claim_.job.id, leases.held(Job, claim_.token), col(Job.state) == RUNNING)
             .values(state=FAILED, error=one_line(reason), finished_at=now, updated_at=now, lease_until=None)
         ).rowcount  # type: ignore[attr-defined]
         s.commit()
@@ -361,7 +341,7 @@ def execute_job(
     if c is None:
         return SKIPPED
     log.info("job %s (%s) claimed: attempt %d of %d", job_id, c.job.kind, c.job.attempts, c.job.max_attempts)
-    with Heartbeat(engine, c) as hb:
+    with heartbeat(engine, c) as hb:
         try:
             datasets = load_datasets(engine, storage, c.job)
             outputs, summary, model_info = run(c.job, datasets)
@@ -397,8 +377,3 @@ def execute_job(
         return LOST
     log.info("job %s done: %d output object(s)", job_id, len(recorded))
     return RAN_DONE
-
-
-def outputs_of(engine: Engine, job_id: int) -> list[JobOutput]:
-    with Session(engine, expire_on_commit=False) as s:
-        return list(s.exec(select(JobOutput).where(JobOutput.job_id == job_id).order_by(col(JobOutput.id))))

@@ -48,7 +48,10 @@ def pin_device(device: str | None) -> str | None:
 
 
 def queues_for(kinds_or_queues: Sequence[str] | None) -> list[str]:
-    """Queue names from task kinds or queue names (None: both queues)."""
+    """Queue names from task kinds or queue names (None: both model queues).
+
+    Raises ValueError naming an entry that is neither a queue nor a task kind.
+    """
     from dicom_node.jobs.celery_app import BATCH_QUEUE, GENERATION_QUEUE, TASK_QUEUES, UNDERSTANDING_QUEUE
 
     if not kinds_or_queues:
@@ -79,7 +82,12 @@ def run_worker(
     loglevel: str = "INFO",
     hostname: str | None = None,
 ) -> None:
-    """Run a Celery worker in the foreground until SIGTERM/SIGINT (warm shutdown: finishes the job)."""
+    """Run a Celery worker in the foreground until SIGTERM/SIGINT (warm shutdown: finishes the job).
+
+    `queues`: "understanding", "generation", queue names or task kinds (None: both queues); a worker
+    on the understanding queue alone loads the understanding weights only. Raises ValueError for
+    an unknown queue; Celery's own errors (broker unreachable past its retries) propagate.
+    """
     from dicom_node.jobs.celery_app import UNDERSTANDING_QUEUE, app, configure, resolve_broker_url
 
     device = pin_device(device)
@@ -126,7 +134,11 @@ def start_embedded_worker(
     stdout: Any = None,
     stderr: Any = None,
 ) -> subprocess.Popen:
-    """Start `python -m dicom_node.jobs.worker` for `unimedvl serve`; stop it with `stop_worker`."""
+    """Start `python -m dicom_node.jobs.worker` for `unimedvl serve`; stop it with `stop_worker`.
+
+    The child gets the parent's resolved database, storage and broker locations. Raises OSError
+    when the process cannot be started.
+    """
     cmd = [sys.executable, "-m", "dicom_node.jobs.worker"]
     if settings.config_path is not None:
         cmd += ["--config", str(settings.config_path)]

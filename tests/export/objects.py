@@ -17,6 +17,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from dicom_node.synthetic import make_ct_series
+from sr_writers.common import copy_identity
 
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
 
@@ -119,12 +120,7 @@ def basic_text_sr(ct: Dataset, text: str = "No acute findings.") -> Dataset:
     ds.SOPInstanceUID = generate_uid()
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    for kw in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate"):
-        setattr(ds, kw, getattr(ct, kw))
-    ds.StudyTime = ct.get("StudyTime", "")
-    ds.AccessionNumber = ""
-    ds.ReferringPhysicianName = ""
-    ds.StudyID = ct.get("StudyID", "")
+    copy_identity(ds, ct)  # patient and study of the source, so it files under the same study
     ds.Modality = "SR"
     ds.SeriesInstanceUID = generate_uid()
     ds.SeriesNumber = 903

@@ -12,6 +12,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,18 @@ def _rabbitmqctl(*args: str, attempts: int = 3) -> None:
             raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {r.stdout[-500:]} {r.stderr[-1000:]}")
         subprocess.run(["rabbitmqctl", "await_startup", "--timeout", "30"], capture_output=True, timeout=60)
         time.sleep(1)
+
+
+@contextmanager
+def rabbitmq_app_stopped() -> Iterator[None]:
+    """The machine's RabbitMQ application stopped for the block, and started again whatever
+    happens inside it (or in the stop itself), so a failing test never leaves it down."""
+    try:
+        subprocess.run(["rabbitmqctl", "stop_app"], check=True, capture_output=True, timeout=60)
+        yield
+    finally:
+        subprocess.run(["rabbitmqctl", "start_app"], capture_output=True, timeout=120)
+        _rabbitmqctl("await_startup", "--timeout", "60")
 
 
 @pytest.fixture

@@ -8,8 +8,6 @@ model; results must be in storage and in the outbox exactly once.
 from __future__ import annotations
 
 import hashlib
-import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,8 +21,9 @@ from sqlmodel import Session, select
 from dicom_node.config import load_config
 from dicom_node.db import init_db, make_engine
 from dicom_node.export.models import OutboxRow
-from dicom_node.jobs import DONE, FAILED, RUNNING, Job, JobOutput, JobSettings, Planner, Publisher, retry_jobs
+from dicom_node.jobs import DONE, FAILED, PLANNED, RUNNING, Job, JobOutput, JobSettings, Planner, Publisher, retry_jobs
 from dicom_node.jobs.service import JobService
+from dicom_node.jobs.settings import as_utc
 from dicom_node.routing import parse_rules
 from dicom_node.storage import Storage
 from tests.conftest import REPO
@@ -35,6 +34,7 @@ from tests.jobs.conftest import (
     cr_study,
     ct_study,
     ingest,
+    rabbitmq_app_stopped,
     slow_rules,
     undecodable_cr,
     wait_for,
@@ -235,11 +235,25 @@ def test_worker_killed_mid_task_outputs_exactly_once(
         running = wait_for(
             lambda: (j := _jobs(engine)[0]).state == RUNNING and j, 90, "the job to start", _diag(engine, first)
         )
-        time.sleep(1.0)  # mid-generation
+        # Mid-task: the worker has renewed its lease (it is past claiming and loading, in the model).
+        wait_for(
+            lambda: as_utc(_jobs(engine)[0].lease_until) > as_utc(running.lease_until),
+            90,
+            "a lease renewal",
+            _diag(engine, first),
+        )
         first.kill()
         (job,) = _jobs(engine)
         assert job.state == RUNNING and job.attempts == 1 and job.worker == running.worker
         assert _outputs(engine, job.id or 0) == [] and _outbox(engine, job.id or 0) == []
+        # Only the first run had to be long (to be killed inside the model); the re-run just has
+        # to finish, so it generates a few tokens (the row's parameters are what a run reads).
+        with Session(engine) as s:
+            row = s.get(Job, job.id)
+            assert row is not None
+            row.params = {**row.params, "max_new_tokens": 16}
+            s.add(row)
+            s.commit()
 
         second = start_worker(settings)
         done = wait_for(
@@ -283,15 +297,19 @@ def test_rabbitmq_restart_mid_run_loses_nothing(
     worker = start_worker(settings)
     try:
         wait_for(lambda: any(j.state == RUNNING for j in _jobs(engine)), 90, "a job to start", _diag(engine, worker))
-        subprocess.run(["rabbitmqctl", "stop_app"], check=True, capture_output=True, timeout=60)
-        try:
+        with rabbitmq_app_stopped():
             # A study completing while the broker is down: committed, publish fails, kept "planned".
             ingest(settings, cr_study(tmp_path / "late", seed=9))
             (late,) = complete_all(engine, settings)
-            planner.plan_revision(late.study_instance_uid, late.revision)
-            time.sleep(1.0)
-        finally:
-            subprocess.run(["rabbitmqctl", "start_app"], check=True, capture_output=True, timeout=120)
+            result = planner.plan_revision(late.study_instance_uid, late.revision)
+            assert result.published == 0 and len(result.new_job_ids) == 1
+            late_job = wait_for(
+                lambda: (j := _jobs(engine)[-1]).id == result.new_job_ids[0] and j.state == PLANNED and j,
+                30,
+                "the late job to be kept planned",
+                _diag(engine, worker),
+            )
+            assert late_job.attempts == 0
         jobs = wait_for(
             lambda: len(js := _jobs(engine)) == 4 and all(j.state in (DONE, FAILED) for j in js) and js,
             180,

@@ -12,57 +12,19 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.presentation import build_context
 
+from dicom_node.synthetic import ct_instance
 from tests.conftest import REPO, free_port
 
 NODE_AET = "UNIMEDVL"
 
 
-def make_ct(
-    study_uid: str | None = None,
-    series_uid: str | None = None,
-    sop_uid: str | None = None,
-    *,
-    patient_id: str = "PAT-1",
-    instance_number: int = 1,
-    size: int = 8,
-    fill: int = 0,
-) -> Dataset:
-    """A small CT Image Storage dataset (size x size, 16 bit) with file meta."""
-    ds = Dataset()
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = sop_uid or generate_uid()
-    ds.StudyInstanceUID = study_uid or generate_uid()
-    ds.SeriesInstanceUID = series_uid or generate_uid()
-    ds.PatientID = patient_id
-    ds.PatientName = "Test^Patient"
-    ds.AccessionNumber = "ACC1"
-    ds.StudyDate = "20250101"
-    ds.Modality = "CT"
-    ds.BodyPartExamined = "CHEST"
-    ds.SeriesDescription = "axial"
-    ds.SeriesNumber = 1
-    ds.InstanceNumber = instance_number
-    ds.Rows = size
-    ds.Columns = size
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 0
-    ds.PixelData = (np.full((size, size), fill, dtype=np.uint16) + instance_number).tobytes()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    return ds
+make_ct = ct_instance  # the node tests' name for it
 
 
 def write_config(path: Path, **sections: dict[str, Any]) -> Path:

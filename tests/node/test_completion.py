@@ -148,4 +148,6 @@ def test_running_node_completes_study(db_url: str, make_settings: Any, start_nod
     while not got and time.monotonic() < deadline:
         time.sleep(0.05)
     assert len(got) == 1 and got[0].study_instance_uid == study and got[0].instance_count == 3
-    assert 0.5 <= got[0].latency_seconds < 5
+    # The quiet period was waited for; how soon after it completion fires is a benchmark figure
+    # (benchmarks/e2e.py, "completion lag"), not a test bound.
+    assert got[0].latency_seconds >= 0.5

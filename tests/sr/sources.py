@@ -13,9 +13,9 @@ import pydicom
 from pydicom import Dataset
 from pydicom.data import get_testdata_file
 
+from dicom_node.synthetic import ct_series
 from sr_writers import SegmentationResult, new_uid, to_bytes
 from sr_writers.results import ORGAN_TYPE, TISSUE_CATEGORY, Segment
-from sr_writers.synthetic import ct_series
 
 
 def reread(ds: Dataset) -> Dataset:

@@ -14,6 +14,7 @@ import pydicom
 import pytest
 from pydicom import Dataset, dcmwrite
 
+from dicom_node.synthetic import ct_series
 from sr_writers import (
     DerivedImages,
     ReportResult,
@@ -25,7 +26,6 @@ from sr_writers import (
     write_secondary_capture,
     write_seg,
 )
-from sr_writers.synthetic import ct_series
 
 from .sources import REPORT, distinct_masks, modality_values, rgb_image
 

@@ -12,8 +12,8 @@ import copy
 
 import pytest
 
+from dicom_node.synthetic import ct_series
 from sr_writers import native_binary, write, write_seg
-from sr_writers.synthetic import ct_series
 
 from .sources import distinct_masks, real_world_case
 from .test_display_dcmjs import _expected_frames, _run_node

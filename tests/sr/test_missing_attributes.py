@@ -10,9 +10,9 @@ import io
 import pydicom
 import pytest
 
+from dicom_node.synthetic import ct_series
 from sr_writers import write
 from sr_writers.source_prep import TYPE2_IDENTITY
-from sr_writers.synthetic import ct_series
 
 from .test_charsets import all_outputs
 from .validators import dciodvfy, unexpected_dciodvfy
