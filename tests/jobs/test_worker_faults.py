@@ -1,0 +1,122 @@
+"""Process faults of real workers on both broker set-ups (issue 11): a SIGKILLed pool child, a
+SIGKILLed `serve` (its worker must not outlive it), and a job whose message died with its
+consumer. Each case ends with every job done, outputs recorded once."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlmodel import Session, select
+
+from dicom_node.config import load_config
+from dicom_node.db import init_db, make_engine
+from dicom_node.jobs import DONE, FAILED, Job, JobOutput, JobSettings, Planner, Publisher
+from dicom_node.routing import parse_rules
+from tests.jobs.conftest import FAST_RULES, WorkerProcess, complete_all, cr_study, ingest, wait_for, write_config
+
+SETUPS = [
+    pytest.param(("embedded", "sqlite"), id="embedded-sqlite"),
+    pytest.param(("rabbitmq", "postgres"), id="rabbitmq-postgres", marks=[pytest.mark.rabbitmq, pytest.mark.postgres]),
+]
+
+
+def children(pid: int) -> list[int]:
+    """Direct child PIDs of `pid`, from /proc (Linux)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        # "pid (comm) state ppid ...": comm may hold spaces, so split after the last ")".
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] != "Z" and int(fields[1]) == pid:
+            out.append(int(entry))
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _jobs(engine: Any) -> list[Job]:
+    with Session(engine) as s:
+        return list(s.exec(select(Job).order_by(Job.id)))
+
+
+def _outputs(engine: Any) -> list[JobOutput]:
+    with Session(engine) as s:
+        return list(s.exec(select(JobOutput)))
+
+
+def _setup(setup: tuple[str, str], request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    broker_kind, db_kind = setup
+    broker_url = (
+        f"sqla+sqlite:///{tmp_path / 'broker.db'}"
+        if broker_kind == "embedded"
+        else request.getfixturevalue("rabbit_vhost")
+    )
+    db_url = f"sqlite:///{tmp_path / 'index.db'}" if db_kind == "sqlite" else request.getfixturevalue("pg_url")
+    settings = load_config(write_config(tmp_path, db_url, broker_url))
+    init_db(settings.database.url)
+    return settings
+
+
+def _plan_one(settings: Any, engine: Any, planner: Planner, folder: Path, seed: int) -> None:
+    ingest(settings, cr_study(folder, seed=seed))
+    for event in complete_all(engine, settings):
+        planner.plan_revision(event.study_instance_uid, event.revision)
+
+
+@pytest.mark.parametrize("setup", SETUPS)
+def test_killed_idle_pool_child_is_replaced_and_takes_jobs(
+    setup: tuple[str, str],
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    """SIGKILL of the idle pool child: its replacement runs the next job, once.
+
+    The exact case of issue 11: on the embedded broker the replacement used to block forever on
+    the shared inqueue's lock, which the killed child held while waiting for a job."""
+    settings = _setup(setup, request, tmp_path)
+    engine = make_engine(settings.database.url)
+    publisher = Publisher(settings.broker.url)
+    planner = Planner(engine, parse_rules(FAST_RULES), publisher, jobs=JobSettings(sweep_interval_seconds=0.5))
+    worker = start_worker(settings)
+
+    def diag() -> str:
+        return f"jobs: {[(j.id, j.state, j.attempts, j.error) for j in _jobs(engine)]}\n{worker.tail()}"
+
+    try:
+        # Idle for sure: the child has loaded its model and waits for a job.
+        wait_for(lambda: "model loaded" in worker.tail(20000), 90, "the pool child to load its model", diag)
+        (pool_child,) = children(worker.proc.pid)
+        os.kill(pool_child, signal.SIGKILL)
+        wait_for(lambda: [c for c in children(worker.proc.pid) if c != pool_child], 60, "a replacement child", diag)
+        _plan_one(settings, engine, planner, tmp_path / "cr", 0)
+        (job,) = wait_for(
+            lambda: len(js := _jobs(engine)) == 1 and js[0].state in (DONE, FAILED) and js,
+            120,
+            "the job to finish after the idle pool child was killed",
+            diag,
+        )
+        assert (job.state, job.attempts) == (DONE, 1), diag()
+        assert len(_outputs(engine)) == 1
+        assert worker.proc.poll() is None  # the same worker, not a restart
+        worker.stop()
+    finally:
+        planner.stop()
+        publisher.close()
+        engine.dispose()
