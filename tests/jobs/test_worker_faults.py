@@ -120,3 +120,62 @@ def test_killed_idle_pool_child_is_replaced_and_takes_jobs(
         planner.stop()
         publisher.close()
         engine.dispose()
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+@pytest.mark.parametrize("setup", SETUPS)
+@pytest.mark.parametrize("victim", ["serve", "worker-main"])
+def test_no_worker_process_outlives_its_parent(
+    victim: str, setup: tuple[str, str], request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """SIGKILL of `unimedvl serve` ends its embedded worker and pool child; SIGKILL of the worker's
+    Celery main process ends the pool child (checked by PID)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    settings = _setup(setup, request, tmp_path)
+    log = open(tmp_path / "serve.log", "ab")  # noqa: SIM115 - closed in finally
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(settings.config_path)],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    tree: list[int] = []
+
+    def diag() -> str:
+        return (tmp_path / "serve.log").read_text(errors="replace")[-4000:]
+
+    try:
+        worker = wait_for(
+            lambda: [c for c in children(serve.pid) if "dicom_node.jobs.worker" in _cmdline(c)],
+            90,
+            "the embedded worker",
+            diag,
+        )[0]
+        pool_child = wait_for(lambda: children(worker), 90, "the pool child", diag)[0]
+        tree = [worker, pool_child]
+        if victim == "serve":
+            os.kill(serve.pid, signal.SIGKILL)
+            serve.wait(10)
+            gone = tree
+        else:
+            os.kill(worker, signal.SIGKILL)
+            gone = [pool_child]
+        wait_for(lambda: not any(alive(p) for p in gone), 15, f"{gone} to end after the {victim} was killed", diag)
+    finally:
+        for pid in [serve.pid, *tree]:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        serve.wait(10)
+        log.close()
