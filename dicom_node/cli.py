@@ -278,6 +278,15 @@ def _register_jobs() -> None:
 _register_jobs()
 
 
+def _register_eval() -> None:
+    from dicom_node.eval_cli import register
+
+    register(app)  # `eval`
+
+
+_register_eval()
+
+
 def _register_batch() -> None:
     from dicom_node.batch.cli import register
 

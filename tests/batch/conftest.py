@@ -48,7 +48,7 @@ def identify(paths: list[Path], identity: dict[str, str], *, description: str | 
 def make_archive(root: Path, *, n_cr: int = 2, ct_slices: int = 2, us: bool = True) -> dict[str, Any]:
     """A folder archive: n_cr CR studies (first two of patient 0), one CT study of patient 1,
     one US study (burned-in candidate) of patient 1, a non-DICOM file and nested folders."""
-    from benchmarks.synthetic import make_cr, make_ct_series
+    from dicom_node.synthetic import make_cr, make_ct_series
 
     studies: dict[str, list[Path]] = {}
     for i in range(n_cr):
