@@ -138,6 +138,7 @@ def test_no_worker_process_outlives_its_parent(
     Celery main process ends the pool child (checked by PID)."""
     import subprocess
     import sys
+    import time
 
     from tests.conftest import REPO
 
@@ -172,7 +173,9 @@ def test_no_worker_process_outlives_its_parent(
         else:
             os.kill(worker, signal.SIGKILL)
             gone = [pool_child]
+        killed = time.monotonic()
         wait_for(lambda: not any(alive(p) for p in gone), 15, f"{gone} to end after the {victim} was killed", diag)
+        print(f"{victim} killed: worker processes gone in {time.monotonic() - killed:.1f} s")
     finally:
         for pid in [serve.pid, *tree]:
             if alive(pid):
