@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 TaskKind = Literal["report", "vqa", "segment", "translate", "super_resolve", "synthesize"]
+EDIT_TASKS = ("translate", "super_resolve", "segment")  # the tasks that run the engine's edit flow
 
 
 class CodeSpec(BaseModel):
@@ -55,9 +56,25 @@ class TaskSpec(BaseModel):
     seed: int = 0
     size: tuple[int, int] | None = None  # synthesize only
     labelmap: bool = False  # SEG as LABELMAP instead of BINARY
+    # Model engine options (README "Model engine"); None: the engine's reference default.
+    think: bool = False  # the reference's think mode (system prompt, then a decoded plan/reasoning)
+    describe_first: bool = False  # translate/super_resolve/segment: describe the image, then edit with it
+    max_think_tokens: int | None = Field(None, ge=2, le=8192)  # plan/description bound (reference 1000/800)
+    temperature: float = Field(0.0, ge=0.0, le=10.0)  # report/vqa text: 0 = greedy
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    cfg_text_scale: float | None = Field(None, ge=0.0, le=50.0)
+    cfg_img_scale: float | None = Field(None, ge=0.0, le=50.0)
+    cfg_interval: tuple[float, float] | None = None
+    timestep_shift: float | None = Field(None, gt=0.0, le=100.0)
+    cfg_renorm_type: Literal["global", "channel", "text_channel"] | None = None
+    cfg_renorm_min: float | None = Field(None, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _needs(self) -> TaskSpec:
+        if self.describe_first and self.kind not in EDIT_TASKS:
+            raise ValueError(f"describe_first applies to {', '.join(EDIT_TASKS)} tasks, not {self.kind}")
+        if self.cfg_interval is not None and not 0.0 <= self.cfg_interval[0] <= self.cfg_interval[1] <= 1.0:
+            raise ValueError(f"cfg_interval must be [low, high] with 0 <= low <= high <= 1, got {self.cfg_interval}")
         if self.kind == "vqa" and not self.questions:
             raise ValueError("a vqa task needs at least one entry in questions")
         if self.kind == "segment" and not self.targets:
@@ -67,8 +84,18 @@ class TaskSpec(BaseModel):
         return self
 
     def parameters(self) -> dict[str, Any]:
-        """Canonical parameters (everything but `enabled`), for idempotency keys."""
-        return self.model_dump(mode="json", exclude={"enabled"})
+        """Canonical parameters (everything but `enabled`), for idempotency keys.
+
+        Engine options are left out while at their defaults, so rules written before they existed keep
+        their keys (and their jobs are not planned again).
+        """
+        dump = self.model_dump(mode="json", exclude={"enabled"})
+        return {k: v for k, v in dump.items() if k not in ENGINE_OPTIONS or v != ENGINE_OPTIONS[k]}
+
+
+_FIELDS = list(TaskSpec.model_fields)
+# The model engine options are the TaskSpec fields declared from `think` on, with their defaults.
+ENGINE_OPTIONS: dict[str, Any] = {k: TaskSpec.model_fields[k].default for k in _FIELDS[_FIELDS.index("think") :]}
 
 
 class MatchSpec(BaseModel):

@@ -37,8 +37,11 @@ MODALITY_DEFAULT_PRESET = {"CT": "soft_tissue"}
 # VOI LUT Functions of PS3.3 C.11.2.1.3 (pydicom applies each).
 VOI_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
 
-# Matches the engine's input limit (20 megapixels); larger frames are downscaled here first.
-DEFAULT_MAX_SIDE = 1024
+# Frames go to the engine at their own size: the engine resizes once, from the original, as the reference
+# does (transforms.py:87); shrinking here first would resample twice. Only frames over the engine's input
+# limit (20 megapixels, data_utils.py:121) are shrunk here, to just under it.
+DEFAULT_MAX_SIDE: int | None = None
+MAX_ENGINE_PIXELS = 20_000_000
 
 
 class PreprocessError(ValueError):
@@ -59,7 +62,7 @@ class Window:
 class ModelImage:
     """One 2-D frame prepared for the engine, with what is needed to map results back."""
 
-    pixels: np.ndarray  # H x W x 3 uint8, possibly downscaled from the source grid
+    pixels: np.ndarray  # H x W x 3 uint8 on the source grid (downscaled only over 20 megapixels)
     sop_instance_uid: str
     frame_index: int  # 0-based frame within a multi-frame source, 0 otherwise
     source_rows: int
@@ -277,10 +280,17 @@ def select_indices(n: int, mode: str | int) -> list[int]:
 # --------------------------------------------------------------------------- resizing
 
 
-def fit_within(rows: int, cols: int, max_side: int) -> tuple[int, int]:
-    """Aspect-preserving size whose longer side is at most max_side (never upscales)."""
-    scale = min(1.0, max_side / max(rows, cols))
-    return max(1, round(rows * scale)), max(1, round(cols * scale))
+def fit_within(rows: int, cols: int, max_side: int | None, max_pixels: int = MAX_ENGINE_PIXELS) -> tuple[int, int]:
+    """Aspect-preserving size with the longer side at most max_side (None: any) and at most max_pixels.
+
+    Never upscales.
+    """
+    scale = min(1.0, max_side / max(rows, cols)) if max_side else 1.0
+    scale = min(scale, math.sqrt(max_pixels / (rows * cols)))
+    r, c = max(1, round(rows * scale)), max(1, round(cols * scale))
+    if r * c > max_pixels:  # rounding up overshot the pixel limit
+        r, c = max(1, int(rows * scale)), max(1, int(cols * scale))
+    return r, c
 
 
 def resize_rgb(img: np.ndarray, rows: int, cols: int) -> np.ndarray:
@@ -322,7 +332,7 @@ def dataset_to_images(
     *,
     window: str | tuple[float, float] | None = None,
     frames: str | int = "all",
-    max_side: int = DEFAULT_MAX_SIDE,
+    max_side: int | None = DEFAULT_MAX_SIDE,
 ) -> list[ModelImage]:
     """Every selected frame of one dataset (single- or multi-frame) as model images."""
     data = decode_frames(ds)
@@ -360,7 +370,7 @@ def series_to_images(
     *,
     window: str | tuple[float, float] | None = None,
     slices: str | int = "all",
-    max_side: int = DEFAULT_MAX_SIDE,
+    max_side: int | None = DEFAULT_MAX_SIDE,
 ) -> list[ModelImage]:
     """A series (single-frame slices in any order, or multi-frame objects) as model images.
 

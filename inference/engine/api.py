@@ -3,12 +3,16 @@
 Flows follow the reference inferencer (spec section 3):
 
 - ``answer``/``report`` (``Bagel.chat``): each image -> ViT block (transform 980/378/14), then the question
-  as one text block, then decoding from ``<|im_start|>`` (greedy, or temperature sampling), stopping on
+  as one text block, then decoding from ``<|im_start|>`` (greedy, or temperature/top-p sampling), stopping on
   ``<|im_end|>``.
 - ``generate_image``: gen = text(prompt), cfg_text = empty context, cfg_img = gen (so u_img = c); Euler
   sampler with shift, CFG interval and renorm; VAE decode; uint8 by truncation.
 - ``edit_image``: the image is resized by the VAE rule (1024/32/16) and enters as a clean VAE block (t=0)
   and then a ViT block (980/387/14); gen = [VAE, ViT, text], cfg_text = [VAE, ViT], cfg_img = [text].
+- ``think=True`` (any flow): the reference's think mode (``interleave_inference``): a system block first
+  in gen and cfg_img; for images the greedily decoded plan joins gen only. ``edit_image(describe_first=True)``
+  is the image generator script's understanding pass before the edit.
+- Answers are cut at the first ``<|im_end|>``/``<|im_start|>`` text, as the reference (bagel.py:1390).
 
 Randomness: initial noise and the VAE posterior eps come from a CPU ``torch.Generator`` seeded with
 ``seed`` (eps first, then noise), so a seed gives the same image on any device up to numerics; text
@@ -27,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .attention import resolve_backend
 from .config import BagelConfig, LLMConfig
@@ -36,7 +41,7 @@ from .loader import BackgroundHash, load_checkpoint
 from .model import Context, UniMedVL, VitFn, tokens_to_latent
 from .random_init import TINY_CONFIG, TINY_SEED, materialise
 from .sampler import RENORM_TYPES, SamplerSettings, SampleTrace, sample_latent, to_uint8
-from .tokenizer import StreamDecoder, TextTokenizer
+from .tokenizer import AnswerStream, StreamDecoder, TextTokenizer, cut_answer
 from .transforms import VAE_EDIT, VIT_CHAT, VIT_INTERLEAVE, ResizeRule, resize, to_model_tensor, to_pil_rgb
 from .vae import AutoEncoderParams, FluxAutoEncoder
 from .vit import SiglipVisionConfig, patchify
@@ -51,6 +56,23 @@ DEFAULT_REPORT_INSTRUCTION = (
 )
 LATENT_TOKEN_PX = 16  # VAE downsample 8 x latent patch 2
 
+# Think-mode system prompts, verbatim from the reference (inferencer.py:23-28): they are model input.
+VLM_THINK_SYSTEM_PROMPT = (
+    "You should first think about the reasoning process in the mind and then provide the user with the answer.\n"
+    "The reasoning process is enclosed within <think> </think> tags, i.e. <think> reasoning process here "
+    "</think> answer here"
+)
+GEN_THINK_SYSTEM_PROMPT = (
+    "You should first think about the planning process in your mind, and then generate the image.\n"
+    "The planning process is enclosed within <think> </think> tags; that is, <think> planning process here "
+    "</think> image here.\n"
+)
+# interactive_image_generator.py:331 and :342, the think variant of its pre-edit understanding step
+THINK_ANALYSIS_PROMPT = "Analyze this medical image and develop an editing strategy for: '{instruction}'."
+THINK_ANALYSIS_PREFIX = "Based on analysis: "
+MAX_THINK_TOKENS = 1000  # inferencer.py:558 max_think_token_n
+MAX_DESCRIBE_TOKENS = 800  # interactive_image_generator.py:350
+
 
 class NoTokenizerError(RuntimeError):
     """The checkpoint folder has no tokenizer files, so text-in/text-out APIs are unavailable."""
@@ -58,7 +80,7 @@ class NoTokenizerError(RuntimeError):
 
 @dataclass
 class Answer:
-    text: str
+    text: str  # cut at the first <|im_end|> / <|im_start|> text, as the reference (bagel.py:1390)
     token_ids: list[int]
     n_prompt_tokens: int  # tokens in the context before decoding (image tokens included)
     stopped_on_eos: bool
@@ -85,6 +107,19 @@ def _default_dtype(device: torch.device, dtype: torch.dtype | str | None) -> tor
             raise ValueError(f"dtype must be one of {sorted(table)} or None, got {dtype!r}")
         return table[dtype]
     return dtype
+
+
+def _as_list(images) -> list:
+    if images is None:
+        return []
+    return list(images) if isinstance(images, list | tuple) else [images]
+
+
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Zero every token outside the smallest most-probable set whose mass reaches ``top_p`` ([..., V])."""
+    p, idx = probs.sort(dim=-1, descending=True)
+    drop = p.cumsum(-1) - p >= top_p  # the mass before a token already reaches top_p: the top one is always kept
+    return probs.scatter(-1, idx, p.masked_fill(drop, 0.0))
 
 
 def _check_finite_scalar(name: str, v: float) -> float:
@@ -220,13 +255,18 @@ class Engine:
         *,
         max_new_tokens: int,
         temperature: float = 0.0,
+        top_p: float = 1.0,
         generator: torch.Generator | None = None,
         on_token_id: Callable[[int], None] | None = None,
         record: bool = False,
+        stop_ids: tuple[int, ...] = (),
     ) -> DecodeResult:
         """The reference's ``generate_text``: feed ``<|im_start|>`` at r, then each sampled token.
 
-        Produces at most ``max_new_tokens`` tokens; stops (without keeping it) on ``<|im_end|>``.
+        Produces at most ``max_new_tokens`` tokens; stops (without keeping it) on ``<|im_end|>``, and after
+        keeping one of ``stop_ids``. ``temperature`` 0 is greedy (argmax); above 0 it samples from
+        softmax(logits / temperature) (bagel.py:1297-1300), restricted to the smallest set of tokens whose
+        probability reaches ``top_p`` (nucleus; 1.0 keeps all, the reference has no top-p).
         """
         m = self.model
         eos = m.tokens.eos_token_id
@@ -245,7 +285,9 @@ class Engine:
             if record:
                 res.step_logits.append(logits)
             if temperature > 0:
-                probs = torch.softmax(logits / temperature, dim=-1)
+                probs = torch.softmax(logits.float() / temperature, dim=-1)
+                if top_p < 1.0:
+                    probs = nucleus(probs, top_p)
                 token = torch.multinomial(probs, 1, generator=generator)
             else:
                 token = logits.argmax(-1, keepdim=True)
@@ -256,6 +298,8 @@ class Engine:
             res.token_ids.append(tid)
             if on_token_id is not None:
                 on_token_id(tid)
+            if tid in stop_ids:
+                break
             if step + 1 < max_new_tokens:
                 res.fed_tokens.append(tid)
         return res
@@ -300,11 +344,55 @@ class Engine:
         return self._require_tokenizer().encode(text)
 
     def _images(self, images, rule: ResizeRule) -> list[torch.Tensor]:
-        if images is None:
-            return []
-        if not isinstance(images, list | tuple):
-            images = [images]
-        return [to_model_tensor(resize(to_pil_rgb(img), rule)) for img in images]
+        return [to_model_tensor(resize(to_pil_rgb(img), rule)) for img in _as_list(images)]
+
+    def _interleave_pixels(self, pil: Image.Image, vae_rule: ResizeRule = VAE_EDIT) -> torch.Tensor:
+        """InterleaveInferencer's ViT input: the VAE resize first, then vit_transform (inferencer.py:605, 148-156)."""
+        return to_model_tensor(resize(resize(pil, vae_rule), VIT_INTERLEAVE))
+
+    def _sampling(self, temperature: float, top_p: float, seed: int | None) -> torch.Generator | None:
+        temperature = _check_finite_scalar("temperature", temperature)
+        if temperature < 0:
+            raise InputError(f"temperature must be >= 0, got {temperature}")
+        top_p = _check_finite_scalar("top_p", top_p)
+        if not 0.0 < top_p <= 1.0:
+            raise InputError(f"top_p must be in (0, 1], got {top_p}")
+        if temperature == 0:
+            return None
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(int(seed) if seed is not None else torch.seed())
+        return gen
+
+    def _reply(self, ctx: Context, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+               generator: torch.Generator | None = None,
+               on_token: Callable[[str], None] | None = None) -> tuple[str, DecodeResult]:  # fmt: skip
+        """Decode from ``ctx`` and cut the text like the reference; streams only the kept text."""
+        tok = self._require_tokenizer()
+        stream = StreamDecoder(tok) if on_token is not None else None
+        kept = AnswerStream()
+
+        def push(tid: int) -> None:
+            if (delta := stream.push(tid)) and (piece := kept.push(delta)):
+                on_token(piece)
+
+        # nothing after a decoded <|im_start|> is kept (bagel.py:1390), so decoding stops there
+        res = self.decode_text(ctx, max_new_tokens=int(max_new_tokens), temperature=temperature, top_p=top_p,
+                               generator=generator, on_token_id=push if stream else None,
+                               stop_ids=(self.model.tokens.bos_token_id,))  # fmt: skip
+        if stream is not None and (rest := kept.push(stream.flush()) + kept.flush()):
+            on_token(rest)
+        return cut_answer(tok.decode(res.token_ids)), res
+
+    def _think(self, ctx: Context, max_tokens: int) -> str:
+        """The reference ``gen_text`` on a copy of ``ctx`` (inferencer.py:258-279): greedy, cut text.
+
+        ``max_tokens`` is the reference's ``max_length``: its loop counts the fed ``<|im_start|>``, so at
+        most ``max_tokens - 1`` tokens are generated (bagel.py:1262-1311).
+        """
+        if int(max_tokens) < 2:
+            raise InputError(f"max_think_tokens must be >= 2, got {max_tokens}")
+        text, _ = self._reply(ctx.fork(), int(max_tokens) - 1)
+        return text
 
     @torch.inference_mode()
     def answer(
@@ -314,39 +402,38 @@ class Engine:
         *,
         max_new_tokens: int = 512,
         temperature: float = 0.0,
+        top_p: float = 1.0,
         seed: int | None = None,
+        think: bool = False,
         on_token: Callable[[str], None] | None = None,
     ) -> Answer:
-        """Answer ``question`` about ``images`` (visual question answering, ``Bagel.chat`` order)."""
+        """Answer ``question`` about ``images`` (visual question answering, ``Bagel.chat`` order).
+
+        Greedy by default (reproducible text). ``temperature`` > 0 samples (``top_p`` < 1 restricts it to the
+        nucleus) from a generator seeded with ``seed`` (None: a random seed). ``think=True`` is the
+        reference's think flow (``interleave_inference(think=True, understanding_output=True)``,
+        inferencer.py:590-613): a system block with :data:`VLM_THINK_SYSTEM_PROMPT` first, each image VAE-resized
+        then ViT-resized (980/387/14), then the question; the answer keeps the model's ``<think>`` part.
+        The text is cut at the first ``<|im_end|>``/``<|im_start|>`` (bagel.py:1390); ``on_token`` gets
+        the kept text in pieces. Raises InputError (a ValueError) for bad images or parameters.
+        """
         t0 = time.perf_counter()
         ids = self._encode_text(question, "question")
-        temperature = _check_finite_scalar("temperature", temperature)
-        if temperature < 0:
-            raise InputError(f"temperature must be >= 0, got {temperature}")
+        generator = self._sampling(temperature, top_p, seed)
         if int(max_new_tokens) < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        pixels = self._images(images, VIT_CHAT)
         ctx = self.new_context()
+        if think:
+            self.model.append_text(ctx, self.tokenizer.encode(VLM_THINK_SYSTEM_PROMPT))
+            pixels = [self._interleave_pixels(to_pil_rgb(img)) for img in _as_list(images)]
+        else:
+            pixels = self._images(images, VIT_CHAT)
         for tokens in self.vit_tokens(pixels) if pixels else []:
             self.model.append_vit_tokens(ctx, tokens)
         self.model.append_text(ctx, ids)
         n_prompt = ctx.kv_len
-        gen = None
-        if temperature > 0:
-            gen = torch.Generator(device=self.device)
-            gen.manual_seed(seed if seed is not None else torch.seed())
-        stream = StreamDecoder(self.tokenizer) if on_token is not None else None
-        res = self.decode_text(
-            ctx,
-            max_new_tokens=int(max_new_tokens),
-            temperature=temperature,
-            generator=gen,
-            on_token_id=(lambda t: (d := stream.push(t)) and on_token(d)) if stream else None,
-        )
-        if stream is not None and (rest := stream.flush()):
-            on_token(rest)
+        text, res = self._reply(ctx, int(max_new_tokens), float(temperature), float(top_p), generator, on_token)
         dt = time.perf_counter() - t0
-        text = self.tokenizer.decode(res.token_ids)
         return Answer(text, res.token_ids, n_prompt, res.stopped_on_eos, len(pixels), dt,
                       len(res.token_ids) / dt if dt > 0 else 0.0)  # fmt: skip
 
@@ -372,11 +459,13 @@ class Engine:
         if max(rh, rw) > limit:  # keep the aspect ratio inside the latent position table
             f = limit / max(rh, rw)
             rh, rw = rh * f, rw * f
-        rh = min(limit, max(LATENT_TOKEN_PX, round(rh / LATENT_TOKEN_PX) * LATENT_TOKEN_PX))
-        rw = min(limit, max(LATENT_TOKEN_PX, round(rw / LATENT_TOKEN_PX) * LATENT_TOKEN_PX))
+        # floored like the reference: its latent grid is H // 16 x W // 16 (bagel.py:833) and the decoded
+        # image has 16 px per token (inferencer.py:237), so (24, 24) gives 16 x 16
+        rh = max(LATENT_TOKEN_PX, int(rh) // LATENT_TOKEN_PX * LATENT_TOKEN_PX)
+        rw = max(LATENT_TOKEN_PX, int(rw) // LATENT_TOKEN_PX * LATENT_TOKEN_PX)
         if (rh, rw) != (h, w):
-            log.warning("generation size %dx%d adjusted to %dx%d (multiples of %d px, at most %d px per side)",
-                        h, w, rh, rw, LATENT_TOKEN_PX, limit)  # fmt: skip
+            log.warning("generation size %dx%d adjusted to %dx%d (floored to multiples of %d px, at most %d px "
+                        "per side)", h, w, rh, rw, LATENT_TOKEN_PX, limit)  # fmt: skip
         return rh, rw
 
     def _settings(self, steps, timestep_shift, cfg_text_scale, cfg_img_scale, cfg_interval, renorm_type, renorm_min):
@@ -416,18 +505,26 @@ class Engine:
         size: tuple[int, int] = (1024, 1024),
         steps: int = 50,
         seed: int = 0,
-        cfg_text_scale: float = 4.0,
+        cfg_text_scale: float = 3.0,
         cfg_img_scale: float = 1.5,
         cfg_interval: tuple[float, float] = (0.4, 1.0),
         timestep_shift: float = 3.0,
         cfg_renorm_type: str = "global",
         cfg_renorm_min: float = 0.0,
+        think: bool = False,
+        max_think_tokens: int = MAX_THINK_TOKENS,
+        on_text: Callable[[str], None] | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> np.ndarray:
-        """Text-to-image; ``size`` is (height, width). Returns H x W x 3 uint8.
+        """Text-to-image; ``size`` is (height, width), floored to multiples of 16. Returns H x W x 3 uint8.
 
-        Defaults are the reference ``gen_image`` values (spec 3.2). The image-CFG context equals the
-        conditional one here (u_img = c), so ``cfg_img_scale`` only rescales the guidance and costs no pass.
+        Defaults are those of the reference entry point ``interleave_inference`` (inferencer.py:552-568):
+        text guidance 3.0, image guidance 1.5, interval (0.4, 1.0), shift 3.0, 50 steps, global renorm.
+        Contexts (inferencer.py:586-602): gen = [prompt], cfg_text = [], cfg_img = gen, so u_img = c and
+        ``cfg_img_scale`` only rescales the guidance and costs no pass. ``think=True`` (inferencer.py:590-620):
+        gen = [system, prompt, plan], cfg_text = [system], cfg_img = [system, prompt], where the plan is
+        decoded greedily (at most ``max_think_tokens - 1`` tokens) and passed to ``on_text``.
+        Raises ValueError for bad parameters.
         """
         self.model._need_gen()
         ids = self._encode_text(prompt, "prompt")
@@ -436,10 +533,19 @@ class Engine:
         size = self._generation_size(size)
         rng = torch.Generator().manual_seed(int(seed))
         gen = self.new_context()
+        if think:
+            self.model.append_text(gen, self.tokenizer.encode(GEN_THINK_SYSTEM_PROMPT))
+        cfg_text = gen.fork() if think else self.new_context()  # inferencer.py:600: before the prompt
         self.model.append_text(gen, ids)
+        cfg_img = gen.fork() if think else gen
+        if think:
+            plan = self._think(gen, max_think_tokens)
+            self.model.append_text(gen, self.tokenizer.encode(plan))  # inferencer.py:619, gen only
+            if on_text is not None:
+                on_text(plan)
         h, w = self.grid_for(*size)
         noise = self._noise(rng, h * w)
-        x = self.sample_image_latent(gen, self.new_context(), gen, noise, size, settings, img_same_as_gen=True,
+        x = self.sample_image_latent(gen, cfg_text, cfg_img, noise, size, settings, img_same_as_gen=not think,
                                      progress=progress)  # fmt: skip
         return self._to_numpy_image(x, size)
 
@@ -450,22 +556,36 @@ class Engine:
         instruction: str,
         *,
         steps: int = 50,
-        seed: int = 0,
+        seed: int = 42,
         cfg_text_scale: float = 4.0,
         cfg_img_scale: float = 2.0,
         cfg_interval: tuple[float, float] = (0.0, 1.0),
         timestep_shift: float = 3.0,
         cfg_renorm_type: str = "text_channel",
         cfg_renorm_min: float = 0.0,
+        think: bool = False,
+        describe_first: bool = False,
+        max_think_tokens: int = MAX_THINK_TOKENS,
+        max_describe_tokens: int = MAX_DESCRIBE_TOKENS,
+        on_text: Callable[[str], None] | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> np.ndarray:
         """Edit ``image`` following ``instruction`` (editing, translation, staining ...; spec 3.3).
 
-        The output has the size of the input after the VAE resize rule (multiples of 16, long side at most
-        1024 px or what the latent table holds). Returns H x W x 3 uint8.
+        Defaults are those of ``interactive_image_generator.py`` (:302-307, :367-369). The output has the size
+        of the input after the VAE resize rule (multiples of 16, long side at most 1024 px or what the
+        latent table holds). Returns H x W x 3 uint8.
+
+        - ``think=True``: the reference think flow (inferencer.py:590-620): gen = [system, VAE, ViT,
+          instruction, plan], cfg_text = [system, VAE, ViT], cfg_img = [system, instruction].
+        - ``describe_first=True``: the image generator script's step 1 (interactive_image_generator.py:328-355):
+          an understanding pass on [image, instruction] (greedy, ``max_describe_tokens``), then the edit with
+          ``instruction + "\n\n" + description``. With ``think`` too, that pass is the script's think
+          analysis ("Analyze this medical image ...", appended as "Based on analysis: ...") and the edit
+          itself runs without think, as the script does. The description goes to ``on_text``.
         """
         self.model._need_gen()
-        ids = self._encode_text(instruction, "instruction")
+        self._encode_text(instruction, "instruction")
         settings = self._settings(steps, timestep_shift, cfg_text_scale, cfg_img_scale, cfg_interval,
                                   cfg_renorm_type, cfg_renorm_min)  # fmt: skip
         pil = to_pil_rgb(image)
@@ -476,22 +596,53 @@ class Engine:
         size = (vae_img.size[1], vae_img.size[0])
         vae_pixels = to_model_tensor(vae_img)
         vit_pixels = to_model_tensor(resize(vae_img, VIT_INTERLEAVE))
+        vit_tokens = self.vit_tokens([vit_pixels])[0]
+        if describe_first:
+            instruction = self._describe(vit_tokens, instruction, think, max_describe_tokens, on_text)
+            think = False  # interactive_image_generator.py:366: the edit runs with think=False
+        ids = self._encode_text(instruction, "instruction")
 
         rng = torch.Generator().manual_seed(int(seed))
         p = self.vae.params if self.vae is not None else AutoEncoderParams()
         f = p.downsample
         eps = torch.randn(1, p.z_channels, size[0] // f, size[1] // f, generator=rng)
         gen = self.new_context()
+        system = self.tokenizer.encode(GEN_THINK_SYSTEM_PROMPT) if think else []
+        if think:
+            self.model.append_text(gen, system)
         self.model.append_vae_latent(gen, self.vae_encode(vae_pixels, eps))
-        self.model.append_vit_tokens(gen, self.vit_tokens([vit_pixels])[0])
+        self.model.append_vit_tokens(gen, vit_tokens)
         cfg_text = gen.fork()
         self.model.append_text(gen, ids)
         cfg_img = self.new_context()
+        if think:
+            self.model.append_text(cfg_img, system)
         self.model.append_text(cfg_img, ids)
+        if think:
+            plan = self._think(gen, max_think_tokens)
+            self.model.append_text(gen, self.tokenizer.encode(plan))  # inferencer.py:619, gen only
+            if on_text is not None:
+                on_text(plan)
         h, w = self.grid_for(*size)
         noise = self._noise(rng, h * w)
         x = self.sample_image_latent(gen, cfg_text, cfg_img, noise, size, settings, progress=progress)
         return self._to_numpy_image(x, size)
+
+    def _describe(self, vit_tokens: torch.Tensor, instruction: str, think: bool, max_tokens: int,
+                  on_text: Callable[[str], None] | None) -> str:  # fmt: skip
+        """interactive_image_generator.py:328-355: understanding pass, then the instruction it edits with."""
+        ctx = self.new_context()
+        if think:
+            self.model.append_text(ctx, self.tokenizer.encode(VLM_THINK_SYSTEM_PROMPT))
+        self.model.append_vit_tokens(ctx, vit_tokens)
+        question = THINK_ANALYSIS_PROMPT.format(instruction=instruction) if think else instruction
+        self.model.append_text(ctx, self.tokenizer.encode(question))
+        text = self._think(ctx, max_tokens)
+        if on_text is not None:
+            on_text(text)
+        if not text:  # the script keeps the bare instruction when the pass says nothing (:340, :353)
+            return instruction
+        return f"{instruction}\n\n{THINK_ANALYSIS_PREFIX if think else ''}{text}"
 
 
 # ---- construction ---------------------------------------------------------------------------------------

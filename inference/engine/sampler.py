@@ -60,9 +60,11 @@ def combine_cfg(
 
 @dataclass
 class SamplerSettings:
+    """Defaults: the reference entry point ``interleave_inference`` (inferencer.py:561-567)."""
+
     steps: int = 50
     timestep_shift: float = 3.0
-    cfg_text_scale: float = 4.0
+    cfg_text_scale: float = 3.0
     cfg_img_scale: float = 1.5
     cfg_interval: tuple[float, float] = (0.4, 1.0)
     cfg_renorm_type: str = "global"

@@ -90,3 +90,43 @@ class StreamDecoder:
         delta = text[len(self.emitted) :] if text.startswith(self.emitted) else ""
         self.emitted = text
         return delta
+
+
+# Bagel.chat / InterleaveInferencer.gen_text keep the decoded text after the leading <|im_start|> and
+# before the first <|im_end|> or later <|im_start|> (bagel.py:1390, inferencer.py:278): text, not ids,
+# so a marker spelt by ordinary tokens cuts too.
+ANSWER_STOPS = ("<|im_end|>", "<|im_start|>")
+
+
+def cut_answer(text: str) -> str:
+    """``text`` (the decoded generated tokens, without the leading ``<|im_start|>``) up to the first stop."""
+    end = min((i for i in (text.find(s) for s in ANSWER_STOPS) if i >= 0), default=len(text))
+    return text[:end]
+
+
+class AnswerStream:
+    """Streams text deltas of :func:`cut_answer`: holds back what could start a stop marker, ends at one."""
+
+    def __init__(self) -> None:
+        self.text = ""  # everything received
+        self.sent = 0  # characters of it already emitted
+        self.done = False
+
+    def push(self, delta: str) -> str:
+        if self.done:
+            return ""
+        self.text += delta
+        cut = cut_answer(self.text)
+        if len(cut) < len(self.text):
+            self.done = True
+            return self._emit(len(cut))
+        hold = max((k for s in ANSWER_STOPS for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+        return self._emit(len(self.text) - hold)
+
+    def flush(self) -> str:
+        return "" if self.done else self._emit(len(self.text))
+
+    def _emit(self, upto: int) -> str:
+        out = self.text[self.sent : upto]
+        self.sent = max(self.sent, upto)
+        return out

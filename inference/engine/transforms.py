@@ -17,8 +17,8 @@ from PIL import Image
 
 from .errors import InputError
 
-MAX_INPUT_PIXELS = 20_000_000  # pil_img2rgb rejects larger images
-MIN_INPUT_SIDE = 14  # one ViT patch
+MAX_INPUT_PIXELS = 20_000_000  # pil_img2rgb rejects larger images (data_utils.py:121)
+UINT16_TO_8 = 257.0  # 65535 / 255: full-range 16-bit -> 8-bit, as PIL and libpng scale
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,11 @@ class ResizeRule:
     max_pixels: int
 
     def target_size(self, width: int, height: int) -> tuple[int, int]:
-        """(width, height) after the reference's resize rule."""
+        """(width, height) after the reference's resize rule (``transforms.py:73-85``).
+
+        Any size from 1x1 is valid: the min-side term scales small images up (13x7 -> 700x378 under
+        VIT_CHAT, 64x32 under VAE_EDIT; 1x1 -> 378x378).
+        """
         scale = min(self.max_size / max(width, height), 1.0)
         scale = max(scale, self.min_size / min(width, height))
         w, h = self._apply(width, height, scale)
@@ -54,54 +58,89 @@ VAE_EDIT = ResizeRule(max_size=1024, min_size=32, stride=16, max_pixels=14 * 14 
 
 
 def to_pil_rgb(image) -> Image.Image:
-    """PIL image, numpy array or torch tensor -> RGB PIL image, validated.
+    """PIL image, numpy array or torch tensor -> RGB PIL image, validated; converted like ``pil_img2rgb``.
 
-    Arrays/tensors: uint8 HxW, HxWx3, HxWx4 (or 3xHxW tensors); float arrays are read as [0, 1].
-    Transparent images are composited onto white, as the reference does.
+    Arrays/tensors: HxW, HxWx1, HxWx3, HxWx4 (or CxHxW tensors), read by dtype:
+
+    - uint8: as is.
+    - uint16: full-range 16-bit, divided by 257 (0..65535 -> 0..255) and rounded; PIL images in modes
+      ``I;16*`` and ``I`` (how 16-bit PNG/TIFF files open) are read the same way.
+    - other integer types: must already be in 0..255, else ValueError (signed data such as HU needs a
+      window that only the caller knows).
+    - float: must be in [0, 1] (times 255, rounded), else ValueError; PIL mode ``F`` likewise.
+
+    The reference converts every non-8-bit image with ``convert("RGB")``, which clips at 255; these
+    scalings replace that hazard. Images of any size from 1x1 up are accepted (the resize rule scales
+    small ones up, ``transforms.py:73-75``); over 20 megapixels raises ValueError (``data_utils.py:121``).
+
+    Transparency follows ``pil_img2rgb`` (``data_utils.py:124-130``): RGBA images and images whose
+    ``info`` has a ``transparency`` entry (palette, or an RGB/L tRNS colour key) are pasted onto white
+    through their alpha; every other mode (LA and PA included) is converted to RGB, dropping alpha.
     """
     if isinstance(image, torch.Tensor):
         t = image.detach().cpu()
+        if t.dtype == torch.bfloat16:  # numpy has no bfloat16
+            t = t.float()
         if t.dim() == 3 and t.shape[0] in (1, 3, 4) and t.shape[-1] not in (1, 3, 4):
             t = t.permute(1, 2, 0)
         image = t.numpy()
+    if isinstance(image, Image.Image) and image.mode in _WIDE_PIL_MODES:
+        _check_size(*image.size)
+        arr = np.asarray(image)
+        if image.mode != "F":  # I;16* and I (32-bit, how Pillow opens 16-bit PNGs) hold 16-bit samples
+            if arr.size and (arr.min() < 0 or arr.max() > 65535):
+                raise InputError(f"PIL mode {image.mode} image values must be 16-bit (0..65535)")
+            arr = arr.astype(np.uint16)
+        image = arr
     if isinstance(image, np.ndarray):
-        arr = image
-        if arr.ndim == 3 and arr.shape[-1] == 1:
-            arr = arr[..., 0]
-        if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
-            raise InputError(f"image array must be HxW, HxWx3 or HxWx4, got shape {arr.shape}")
-        _check_size(arr.shape[1], arr.shape[0])
-        if arr.dtype != np.uint8:
-            if not np.issubdtype(arr.dtype, np.floating) and not np.issubdtype(arr.dtype, np.integer):
-                raise InputError(f"image array dtype {arr.dtype} is not supported (use uint8)")
-            f = arr.astype(np.float64)
-            if not np.isfinite(f).all():
-                raise InputError("image contains NaN or Inf values")
-            if np.issubdtype(arr.dtype, np.floating):
-                if f.min() < 0 or f.max() > 1:
-                    raise InputError("float images must be in [0, 1]")
-                f = f * 255.0
-            elif f.min() < 0 or f.max() > 255:
-                raise InputError("integer images must be in 0..255 (convert to 8-bit first)")
-            arr = np.clip(np.rint(f), 0, 255).astype(np.uint8)
-        image = Image.fromarray(np.ascontiguousarray(arr))
+        image = Image.fromarray(np.ascontiguousarray(_to_uint8(image)))
     if not isinstance(image, Image.Image):
         raise InputError(f"unsupported image type {type(image).__name__}; pass a PIL image, numpy array or tensor")
     _check_size(*image.size)
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+    if image.mode == "RGBA" or image.info.get("transparency") is not None:
+        # data_utils.py:124-128: paste through the alpha band onto white
         rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
+        white = Image.new("RGB", rgba.size, (255, 255, 255))
+        white.paste(rgba, mask=rgba.split()[3])
+        return white
+    return image.convert("RGB")  # data_utils.py:130 (LA/PA: alpha dropped)
+
+
+_WIDE_PIL_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+def _to_uint8(arr: np.ndarray) -> np.ndarray:
+    """A numpy image -> uint8 by the dtype rules of :func:`to_pil_rgb`."""
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
+        raise InputError(f"image array must be HxW, HxWx3 or HxWx4, got shape {arr.shape}")
+    _check_size(arr.shape[1], arr.shape[0])
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == np.bool_ or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise InputError(f"image array dtype {arr.dtype} is not supported (use uint8, uint16 or float in [0, 1])")
+    f = arr.astype(np.float64)
+    if not np.isfinite(f).all():
+        raise InputError("image contains NaN or Inf values")
+    if np.issubdtype(arr.dtype, np.floating):
+        if f.min() < 0 or f.max() > 1:
+            raise InputError("float images must be in [0, 1] (scale them, e.g. by a window, first)")
+        f = f * 255.0
+    elif arr.dtype == np.uint16:
+        f = f / UINT16_TO_8
+    elif f.min() < 0 or f.max() > 255:
+        raise InputError(
+            f"{arr.dtype} images must be in 0..255; pass uint16 for 16-bit data or window signed data (HU) first"
+        )
+    return np.clip(np.rint(f), 0, 255).astype(np.uint8)
 
 
 def _check_size(width: int, height: int) -> None:
     if width * height > MAX_INPUT_PIXELS:
         raise InputError(f"image of {width}x{height} pixels is over the 20 megapixel limit")
-    if width < MIN_INPUT_SIDE or height < MIN_INPUT_SIDE:
-        raise InputError(
-            f"image of {width}x{height} pixels is smaller than one {MIN_INPUT_SIDE}x{MIN_INPUT_SIDE} patch"
-        )
+    if width < 1 or height < 1:
+        raise InputError(f"image of {width}x{height} pixels has no pixels")
 
 
 def resize(image: Image.Image, rule: ResizeRule) -> Image.Image:

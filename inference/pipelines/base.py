@@ -8,6 +8,7 @@ network: the job layer hands in datasets and an engine, and gets back datasets a
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -112,6 +113,69 @@ class TaskParams:
     seed: int = 0
     size: tuple[int, int] | None = None
     labelmap: bool = False
+    think: bool = False
+    describe_first: bool = False
+    max_think_tokens: int | None = None  # None: the engine's reference bounds (1000 plan, 800 description)
+    temperature: float = 0.0
+    top_p: float = 1.0
+    guidance: tuple[tuple[str, Any], ...] = ()  # sampler overrides (cfg_*, timestep_shift), set ones only
+
+    def text_options(self) -> dict[str, Any]:
+        """Keyword arguments of ``engine.answer``/``report`` from the rule (sampling, think)."""
+        return {"temperature": self.temperature, "top_p": self.top_p, "think": self.think}
+
+    def image_options(self) -> dict[str, Any]:
+        """Keyword arguments of ``engine.generate_image``/``edit_image`` from the rule (think, guidance...)."""
+        opts: dict[str, Any] = {"think": self.think, **dict(self.guidance)}
+        if self.describe_first:
+            opts["describe_first"] = True
+        if self.max_think_tokens is not None:
+            opts["max_think_tokens"] = self.max_think_tokens
+            if self.describe_first:
+                opts["max_describe_tokens"] = self.max_think_tokens
+        return opts
+
+
+GUIDANCE_KEYS = (
+    "cfg_text_scale",
+    "cfg_img_scale",
+    "cfg_interval",
+    "timestep_shift",
+    "cfg_renorm_type",
+    "cfg_renorm_min",
+)
+
+
+def _engine_options(kind: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """think / describe_first / temperature / top_p / guidance overrides, checked (routing.TaskSpec fields)."""
+    out: dict[str, Any] = {}
+    for key in ("think", "describe_first"):
+        value = params.get(key, False)
+        if not isinstance(value, bool):
+            raise PipelineError(f"parameter {key} must be true or false, got {value!r}")
+        out[key] = value
+    if out["describe_first"] and kind not in ("translate", "super_resolve", "segment"):
+        raise PipelineError(f"describe_first applies to translate, super_resolve and segment tasks, not {kind}")
+    for key, default, ok in (("temperature", 0.0, lambda v: v >= 0), ("top_p", 1.0, lambda v: 0 < v <= 1)):
+        value = params.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or not ok(value):
+            raise PipelineError(f"parameter {key}={value!r} is out of range")
+        out[key] = float(value)
+    guidance = []
+    for key in GUIDANCE_KEYS:
+        value = params.get(key)
+        if value is None:
+            continue
+        if key == "cfg_interval":
+            if not isinstance(value, list | tuple) or len(value) != 2:
+                raise PipelineError(f"cfg_interval must be [low, high], got {value!r}")
+            value = (float(value[0]), float(value[1]))
+        elif key != "cfg_renorm_type" and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise PipelineError(f"parameter {key} must be a number, got {value!r}")
+        guidance.append((key, value))  # ranges are checked by the engine (a ValueError -> PipelineError)
+    out["guidance"] = tuple(guidance)
+    out["max_think_tokens"] = _int(params, "max_think_tokens", None, 2, 8192)
+    return out
 
 
 _DEFAULT_CATEGORY = {"scheme": "SCT", "value": "49755003", "meaning": "Morphologically Altered Structure"}
@@ -192,6 +256,7 @@ def parse_params(kind: str, params: Mapping[str, Any]) -> TaskParams:
         seed=_int(params, "seed", 0, 0, 2**63 - 1),
         size=size,
         labelmap=bool(params.get("labelmap", False)),
+        **_engine_options(kind, params),
     )
     if kind == "vqa" and not out.questions:
         raise PipelineError("a vqa task needs at least one question")

@@ -85,7 +85,9 @@ def run_image_to_image(
     for i, img in enumerate(images):
         report_progress(progress, i, len(images))
         with readable_errors(ACTION[kind]):
-            result = engine.edit_image(img.pixels, params.prompt, steps=params.steps, seed=params.seed)
+            result = engine.edit_image(
+                img.pixels, params.prompt, steps=params.steps, seed=params.seed, **params.image_options()
+            )
         with readable_errors(ACTION[kind]):
             pixels[img.sop_instance_uid] = output_to_modality(result, img, by_uid[img.sop_instance_uid])
         windows[img.sop_instance_uid] = img.window  # type: ignore[assignment]

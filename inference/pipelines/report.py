@@ -98,6 +98,7 @@ def run_report(
             instruction=params.prompt,  # None: the engine's own report instruction
             max_new_tokens=params.max_new_tokens,
             seed=params.seed,
+            **params.text_options(),
         )
     findings, impression = split_report(answer.text)
     if not findings and not impression:
@@ -136,7 +137,7 @@ def run_vqa(
         report_progress(progress, i, len(params.questions))
         with readable_errors(f"answering question {i + 1}"):
             answer = engine.answer(
-                pixels, question, max_new_tokens=params.max_new_tokens, temperature=0.0, seed=params.seed
+                pixels, question, max_new_tokens=params.max_new_tokens, seed=params.seed, **params.text_options()
             )
         pairs.append((question, clean_text(answer.text) or NO_ANSWER))
     with readable_errors("writing the question/answer SR"):

@@ -117,7 +117,7 @@ def run_segment(
                 not str(d.get("FrameOfReferenceUID", "") or "") for d in series.datasets
             ):
                 raise PipelineError(
-                    "the source series has no Frame of Reference (FrameOfReferenceUID is missing or "
+                    "the source series has no Frame of Reference UID (FrameOfReferenceUID is missing or "
                     "empty), so a segmentation cannot be placed on it"
                 ) from exc
             raise  # before any model time is spent: can a SEG be placed at all?
@@ -130,7 +130,9 @@ def run_segment(
         for s, target in enumerate(params.targets):
             report_progress(progress, done, total)
             with readable_errors(f"segmenting {target.label!r}"):
-                drawn = engine.edit_image(img.pixels, target.instruction, steps=params.steps, seed=params.seed)
+                drawn = engine.edit_image(
+                    img.pixels, target.instruction, steps=params.steps, seed=params.seed, **params.image_options()
+                )
             mask_image = as_rgb8(drawn, "mask image")
             with readable_errors(f"segmenting {target.label!r}"):
                 stack[s] = mask_from_output(mask_image, img.source_rows, img.source_columns, target.threshold)

@@ -26,7 +26,7 @@ def run_synthesize(
     progress: Progress | None = None,
 ) -> None:
     report_progress(progress, 0, 1)
-    kwargs: dict = {"steps": params.steps, "seed": params.seed}
+    kwargs: dict = {"steps": params.steps, "seed": params.seed, **params.image_options()}
     if params.size is not None:
         kwargs["size"] = params.size
     with readable_errors("image synthesis"):

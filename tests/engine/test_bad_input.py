@@ -7,6 +7,7 @@ import logging
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from inference.engine import NoTokenizerError
 
@@ -17,11 +18,12 @@ def test_oversized_image_is_refused(tiny):
         tiny.answer([big], "q", max_new_tokens=1)
 
 
-def test_image_smaller_than_a_patch_is_refused(tiny):
-    with pytest.raises(ValueError, match="smaller than one 14x14 patch"):
-        tiny.answer([np.zeros((13, 40), np.uint8)], "q", max_new_tokens=1)
-    with pytest.raises(ValueError, match="smaller than one"):
-        tiny.edit_image(np.zeros((40, 10, 3), np.uint8), "edit", steps=2)
+def test_image_without_pixels_is_refused(tiny):
+    # small images are upscaled like the reference (test_reference_edges); an empty one has nothing to scale
+    with pytest.raises(ValueError, match="has no pixels"):
+        tiny.answer([np.zeros((0, 40), np.uint8)], "q", max_new_tokens=1)
+    with pytest.raises(ValueError, match="has no pixels"):
+        tiny.edit_image(np.zeros((40, 0, 3), np.uint8), "edit", steps=2)
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
@@ -37,8 +39,12 @@ def test_non_finite_pixels_are_refused(tiny, bad):
 def test_out_of_range_and_malformed_images(tiny):
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         tiny.answer([np.full((32, 32), 2.0, np.float32)], "q", max_new_tokens=1)
-    with pytest.raises(ValueError, match="0..255"):
-        tiny.answer([np.full((32, 32), 4000, np.uint16)], "q", max_new_tokens=1)
+    with pytest.raises(ValueError, match="int32 images must be in 0..255; pass uint16"):
+        tiny.answer([np.full((32, 32), 4000, np.int32)], "q", max_new_tokens=1)
+    with pytest.raises(ValueError, match="must be 16-bit"):
+        tiny.answer([Image.fromarray(np.full((32, 32), 70000, np.int32))], "q", max_new_tokens=1)
+    with pytest.raises(ValueError, match="dtype bool"):
+        tiny.answer([np.zeros((32, 32), bool)], "q", max_new_tokens=1)
     with pytest.raises(ValueError, match="HxW"):
         tiny.answer([np.zeros((4, 32, 32, 3), np.uint8)], "q", max_new_tokens=1)
     with pytest.raises(ValueError, match="unsupported image type"):
@@ -64,11 +70,11 @@ def test_bad_decoding_parameters(tiny, gray_image):
         tiny.answer([gray_image], "q", max_new_tokens=0)
 
 
-def test_generation_size_is_rounded_or_capped_with_a_note(tiny, caplog):
+def test_generation_size_is_floored_or_capped_with_a_note(tiny, caplog):
     with caplog.at_level(logging.WARNING, logger="inference.engine.api"):
         img = tiny.generate_image("x", size=(44, 50), steps=2)
-    assert img.shape == (48, 48, 3)  # nearest multiples of 16
-    assert "adjusted to 48x48" in caplog.text
+    assert img.shape == (32, 48, 3)  # floored to multiples of 16, as the reference's H // 16
+    assert "adjusted to 32x48" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="inference.engine.api"):
         assert tiny._generation_size((2048, 1024)) == (512, 256)  # the tiny latent table holds 512 px

@@ -12,7 +12,7 @@ import pytest
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless
 
-from dicom_node.synthetic import make_cr, make_ct_series
+from dicom_node.synthetic import make_ct_series
 from inference.pipelines import PipelineError, run_task
 from inference.preprocess import apply_window, mask_from_output, resample_to_source, series_to_images
 from sr_writers import read_masks, to_bytes
@@ -310,10 +310,10 @@ def test_undecodable_pixels_fail_with_a_readable_reason(ct_series) -> None:
 
 
 def test_engine_refusals_become_pipeline_errors(engine, ct_series, tmp_path) -> None:
-    tiny = pydicom.dcmread(make_cr(tmp_path / "tiny", 8, 8))
-    refused = r"report generation: the model refused the input: image of 8x8 pixels is smaller than one"
-    with pytest.raises(PipelineError, match=rf'^series \d+ "[^"]+": {refused}'):
-        run_task("report", [tiny], {"kind": "report", "slices": "all", **FAST}, engine)
+    bad = {"kind": "synthesize", "prompt": "p", "size": [32, 32], "cfg_interval": [0.9, 0.1], **FAST}
+    refused = r"image synthesis: the model refused the input: cfg_interval must satisfy 0 <= lo <= hi <= 1"
+    with pytest.raises(PipelineError, match=refused):
+        run_task("synthesize", ct_series, bad, engine)
     seg = {"kind": "segment", "targets": [{"label": "lesion"}], "slices": "middle", **FAST, "steps": 1}
     with pytest.raises(PipelineError, match=r"segmenting 'lesion': the model refused the input: steps must be >= 2"):
         run_task("segment", ct_series, seg, engine)
