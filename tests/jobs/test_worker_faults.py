@@ -13,16 +13,19 @@ from typing import Any
 import pytest
 from sqlmodel import Session, select
 
-from dicom_node.config import load_config
-from dicom_node.db import init_db, make_engine
+from dicom_node.db import make_engine
 from dicom_node.jobs import DONE, FAILED, Job, JobOutput, JobSettings, Planner, Publisher
 from dicom_node.routing import parse_rules
-from tests.jobs.conftest import FAST_RULES, WorkerProcess, complete_all, cr_study, ingest, wait_for, write_config
-
-SETUPS = [
-    pytest.param(("embedded", "sqlite"), id="embedded-sqlite"),
-    pytest.param(("rabbitmq", "postgres"), id="rabbitmq-postgres", marks=[pytest.mark.rabbitmq, pytest.mark.postgres]),
-]
+from tests.jobs.conftest import (
+    BROKER_DB_SETUPS,
+    FAST_RULES,
+    WorkerProcess,
+    complete_all,
+    cr_study,
+    ingest,
+    setup_settings,
+    wait_for,
+)
 
 
 def children(pid: int) -> list[int]:
@@ -60,26 +63,13 @@ def _outputs(engine: Any) -> list[JobOutput]:
         return list(s.exec(select(JobOutput)))
 
 
-def _setup(setup: tuple[str, str], request: pytest.FixtureRequest, tmp_path: Path) -> Any:
-    broker_kind, db_kind = setup
-    broker_url = (
-        f"sqla+sqlite:///{tmp_path / 'broker.db'}"
-        if broker_kind == "embedded"
-        else request.getfixturevalue("rabbit_vhost")
-    )
-    db_url = f"sqlite:///{tmp_path / 'index.db'}" if db_kind == "sqlite" else request.getfixturevalue("pg_url")
-    settings = load_config(write_config(tmp_path, db_url, broker_url))
-    init_db(settings.database.url)
-    return settings
-
-
 def _plan_one(settings: Any, engine: Any, planner: Planner, folder: Path, seed: int) -> None:
     ingest(settings, cr_study(folder, seed=seed))
     for event in complete_all(engine, settings):
         planner.plan_revision(event.study_instance_uid, event.revision)
 
 
-@pytest.mark.parametrize("setup", SETUPS)
+@pytest.mark.parametrize("setup", BROKER_DB_SETUPS)
 def test_killed_idle_pool_child_is_replaced_and_takes_jobs(
     setup: tuple[str, str],
     request: pytest.FixtureRequest,
@@ -90,7 +80,7 @@ def test_killed_idle_pool_child_is_replaced_and_takes_jobs(
 
     The exact case of issue 11: on the embedded broker the replacement used to block forever on
     the shared inqueue's lock, which the killed child held while waiting for a job."""
-    settings = _setup(setup, request, tmp_path)
+    settings = setup_settings(setup, request, tmp_path)
     engine = make_engine(settings.database.url)
     publisher = Publisher(settings.broker.url)
     planner = Planner(engine, parse_rules(FAST_RULES), publisher, jobs=JobSettings(sweep_interval_seconds=0.5))
@@ -129,7 +119,7 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-@pytest.mark.parametrize("setup", SETUPS)
+@pytest.mark.parametrize("setup", BROKER_DB_SETUPS)
 @pytest.mark.parametrize("victim", ["serve", "worker-main"])
 def test_no_worker_process_outlives_its_parent(
     victim: str, setup: tuple[str, str], request: pytest.FixtureRequest, tmp_path: Path
@@ -142,7 +132,7 @@ def test_no_worker_process_outlives_its_parent(
 
     from tests.conftest import REPO
 
-    settings = _setup(setup, request, tmp_path)
+    settings = setup_settings(setup, request, tmp_path)
     log = open(tmp_path / "serve.log", "ab")  # noqa: SIM115 - closed in finally
     serve = subprocess.Popen(
         [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(settings.config_path)],
@@ -198,7 +188,7 @@ with Connection(sys.argv[1]) as conn:
 """
 
 
-@pytest.mark.parametrize("setup", SETUPS)
+@pytest.mark.parametrize("setup", BROKER_DB_SETUPS)
 def test_job_whose_consumer_died_holding_its_message_runs_within_a_lease(
     setup: tuple[str, str],
     request: pytest.FixtureRequest,
@@ -212,7 +202,7 @@ def test_job_whose_consumer_died_holding_its_message_runs_within_a_lease(
     import sys
     import time
 
-    settings = _setup(setup, request, tmp_path)
+    settings = setup_settings(setup, request, tmp_path)
     engine = make_engine(settings.database.url)
     publisher = Publisher(settings.broker.url)
     policy = JobSettings(lease_seconds=5, sweep_interval_seconds=0.5, planned_grace_seconds=1)
