@@ -129,7 +129,7 @@ def status(
     from dicom_node.export.cli import print_outbox_status
     from dicom_node.jobs.cli import print_jobs_status
 
-    print_jobs_status(engine, console)
+    print_jobs_status(engine, console, settings)
     print_outbox_status(engine, console)
     engine.dispose()
 

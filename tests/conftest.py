@@ -45,6 +45,7 @@ FIXTURE_MARKERS = {
     "storescp": "dcmtk",
     "validators": "dcmtk",  # tests/pipelines: dciodvfy + dsrdump
     "tools": "dcmtk",  # tests/sr/test_validators.py: dciodvfy + dsrdump
+    "scenario": "dcmtk",  # tests/console: a storescp PACS receives the demo outputs
 }
 TOOL_MARKERS = {
     "Orthanc": "orthanc",

@@ -219,6 +219,13 @@ class ReadinessChecker:
                 f"no worker has heartbeated (last job activity {last}) while {n_wait} job(s) wait:"
                 " start `unimedvl worker` or check the broker",
             )
+        # Running jobs whose worker stopped renewing its lease, or past the time limit
+        # (dicom_node.jobs.stalls; the waiting-job age is the "queue" check above).
+        from dicom_node.jobs.stalls import stalls
+
+        for reason in stalls(self.engine, self.settings):
+            if not reason.startswith("the oldest waiting job"):
+                r.fail("workers", reason)
 
 
 class ReadinessCollector(Collector):

@@ -95,6 +95,7 @@ def declare_dead_letter_queue(app: Celery) -> None:
 
 def configure(app: Celery, broker_url: str, *, consumer_timeout_ms: int = DEFAULT_CONSUMER_TIMEOUT_MS) -> Celery:
     from dicom_node.jobs.embedded_broker import embedded_url
+    from dicom_node.jobs.pool import POOL
 
     amqp = is_amqp(broker_url)
     app.conf.update(
@@ -116,6 +117,8 @@ def configure(app: Celery, broker_url: str, *, consumer_timeout_ms: int = DEFAUL
         # The embedded transport polls its table every 0.1 s (dicom_node.jobs.embedded_broker).
         broker_transport_options={"confirm_publish": True, "max_retries": 5} if amqp else {},
         broker_pool_limit=4,
+        # Prefork, with pool children that survive a sibling's SIGKILL (dicom_node.jobs.pool).
+        worker_pool=POOL,
     )
     return app
 

@@ -32,7 +32,7 @@ def _settings(config: Path | None) -> Any:
         raise typer.Exit(2) from None
 
 
-def print_jobs_status(engine: Engine, console: Console | None = None) -> int:
+def print_jobs_status(engine: Engine, console: Console | None = None, settings: Any = None) -> int:
     """Jobs per state, latest failures and series that matched no rule. Returns the failed count."""
     from dicom_node.jobs.admin import jobs_status
 
@@ -49,6 +49,10 @@ def print_jobs_status(engine: Engine, console: Console | None = None) -> int:
             f"[red]job {e['id']} ({e['kind']}, {e['attempts']} attempt(s)) of study {e['study_instance_uid']} "
             f"failed:[/] {escape(e['error'] or '')}"
         )
+    from dicom_node.jobs.stalls import stalls
+
+    for reason in stalls(engine, settings):
+        console.print(f"[red]stalled:[/] {escape(reason)}")
     for u in data["unmatched"]:
         console.print(
             f"[yellow]study {u['study_instance_uid']} revision {u['revision']}: "

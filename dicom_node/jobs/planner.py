@@ -48,6 +48,7 @@ class Publisher:
         self.app = configure(Celery("unimedvl-planner"), self.broker_url)
         self._lock = threading.Lock()
         self._dead_letter_declared = False
+        self._broker_db: Engine | None = None
 
     def publish(self, job_id: int, queue: str) -> None:
         # Publisher confirms on RabbitMQ (confirm_publish): returning means the broker has it.
@@ -65,8 +66,66 @@ class Publisher:
                 retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1.0},
             )
 
+    def ready_counts(self, queues: Sequence[str]) -> dict[str, int] | None:
+        """The broker's view: messages waiting (not delivered to any consumer) per queue.
+
+        Embedded: visible rows of kombu's `kombu_message` table; RabbitMQ: a passive
+        queue.declare's message_count (ready messages; unacked ones are not counted). A queue
+        that does not exist has 0. None when the broker cannot be asked right now.
+        """
+        from dicom_node.jobs.celery_app import is_amqp
+
+        try:
+            if is_amqp(self.broker_url):
+                return self._amqp_ready(queues)
+            return self._sql_ready(queues)
+        except Exception as exc:  # the sweeper then decides nothing from the broker this round
+            log.warning("cannot read the broker's queue depths (%s)", type(exc).__name__)
+            return None
+
+    def _sql_ready(self, queues: Sequence[str]) -> dict[str, int]:
+        from sqlalchemy import create_engine, inspect, text
+
+        url = self.broker_url.split("+", 1)[1]  # sqla+sqlite:///... -> sqlite:///...
+        if self._broker_db is None:
+            self._broker_db = create_engine(url)
+        counts = dict.fromkeys(queues, 0)
+        with self._broker_db.connect() as conn:
+            if not inspect(conn).has_table("kombu_message"):
+                return counts
+            rows = conn.execute(
+                text(
+                    "SELECT q.name, COUNT(m.id) FROM kombu_queue q JOIN kombu_message m ON m.queue_id = q.id "
+                    "WHERE m.visible GROUP BY q.name"
+                )
+            ).all()
+        for name, n in rows:
+            if name in counts:
+                counts[name] = int(n)
+        return counts
+
+    def _amqp_ready(self, queues: Sequence[str]) -> dict[str, int]:
+        from amqp.exceptions import NotFound
+
+        counts = dict.fromkeys(queues, 0)
+        with self.app.connection_for_read() as conn:
+            for q in queues:
+                ch = conn.channel()
+                try:
+                    counts[q] = int(ch.queue_declare(queue=q, passive=True).message_count)
+                except NotFound:
+                    pass  # never declared: nothing waits in it
+                finally:
+                    try:
+                        ch.close()
+                    except Exception:
+                        pass
+        return counts
+
     def close(self) -> None:
         self.app.close()
+        if self._broker_db is not None:
+            self._broker_db.dispose()
 
 
 @dataclass
@@ -83,6 +142,7 @@ class PlanResult:
 class SweepResult:
     lease_expired: int = 0
     stale_queued: int = 0
+    undelivered: int = 0  # queued, delivered to a consumer that died (nothing waits in the queue)
     gave_up: int = 0
     published: int = 0
 
@@ -321,6 +381,7 @@ class Planner:
                 or 0
             )
             s.commit()
+        r.undelivered = self._requeue_orphaned_messages(now)
         if r.stale_queued:
             log.warning(
                 "%d job(s) queued longer than %.0f s without a worker: publishing again",
@@ -335,6 +396,47 @@ class Planner:
             ).all()
         r.published = self.publish_planned(list(ids), now=now) if ids else 0
         return r
+
+    def _requeue_orphaned_messages(self, now: datetime) -> int:
+        """Queued jobs older than a lease on a queue where nothing waits -> planned (published again).
+
+        Their message was delivered to a consumer, and a live worker claims a delivered job within
+        seconds (prefetch 1: it takes a message only when idle), so a job still queued a lease time
+        later had its message taken by a consumer that died: the embedded transport hides a taken
+        message for good, and kombu restores it only on a clean shutdown. Re-publishing is safe
+        (a duplicate message is acked and ignored; the claim lets one run hold the job); it costs
+        at worst one extra message for a worker still loading its model. A queue with messages
+        waiting is left alone: those jobs are in line, and queued_timeout_seconds still covers them.
+        """
+        before = now - timedelta(seconds=self.jobs.lease_seconds)
+        with Session(self.engine) as s:
+            queues = sorted(
+                set(s.exec(select(Job.queue).where(Job.state == QUEUED, col(Job.published_at) < before)).all())
+            )
+        if not queues or self.publisher is None:
+            return 0
+        ready = self.publisher.ready_counts(queues)
+        idle = [q for q in queues if ready is not None and ready.get(q) == 0]
+        if not idle:
+            return 0
+        with Session(self.engine) as s:
+            n = (
+                s.execute(
+                    update(Job)
+                    .where(col(Job.state) == QUEUED, col(Job.published_at) < before, col(Job.queue).in_(idle))
+                    .values(state=PLANNED, updated_at=now)
+                ).rowcount  # type: ignore[attr-defined]
+                or 0
+            )
+            s.commit()
+        if n:
+            log.warning(
+                "%d queued job(s) on %s: message taken by a consumer that stopped (nothing waits in the queue); "
+                "publishing again",
+                n,
+                ",".join(idle),
+            )
+        return n
 
     # ------------------------------------------------------------------ background loop
 

@@ -24,6 +24,8 @@ class JobSettings(BaseModel):
     # Celery hard time limit of one run (the pool child is killed; the lease then expires and the
     # job is re-queued or, past max_attempts, failed). Below RabbitMQ's consumer timeout (4 h).
     time_limit_seconds: float = Field(3 * 3600.0, gt=0)
+    # A planned/queued job older than this is reported as a stall (status, metrics, /readyz).
+    stall_queued_seconds: float = Field(900.0, gt=0)
 
 
 def job_settings(settings: Any) -> JobSettings:

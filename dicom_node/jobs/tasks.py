@@ -14,6 +14,7 @@ from celery.signals import worker_process_init
 
 from dicom_node.jobs.celery_app import app
 from dicom_node.jobs.context import current_context
+from dicom_node.jobs.lifeline import watch_parent
 
 RUN_JOB = "unimedvl.run_job"
 
@@ -25,5 +26,7 @@ def run_job(job_id: int) -> str:
 
 @worker_process_init.connect
 def _warm_model(**_: object) -> None:
-    """Load the model in each new pool child right away (in a thread: Celery times out slow inits)."""
+    """Load the model in each new pool child right away (in a thread: Celery times out slow inits),
+    and end the child if its Celery main process dies (no orphan holding the model)."""
+    watch_parent(what="pool child")
     current_context().warm_up_in_background()

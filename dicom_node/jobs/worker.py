@@ -12,7 +12,8 @@
   (dicom_node.jobs.context). The app lived in `inference.celery_app` before; it moved here
   because running a job needs the DB and storage, and `inference` never imports `dicom_node`.
 - `start_embedded_worker(settings)` runs the same worker as a child process of
-  `unimedvl serve` (a real worker on the embedded broker, not Celery's eager mode).
+  `unimedvl serve` (a real worker on the embedded broker, not Celery's eager mode); it and its
+  pool children end when `serve` dies, even by SIGKILL (dicom_node.jobs.lifeline).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Any
 
 from dicom_node.config import ConfigError, load_config
 from dicom_node.jobs.context import CONFIG_ENV, set_settings
+from dicom_node.jobs.lifeline import PARENT_ENV, watch_parent_from_env
 from dicom_node.jobs.settings import job_settings
 
 log = logging.getLogger("dicom_node.jobs.worker")
@@ -146,7 +148,7 @@ def start_embedded_worker(
         cmd += ["--device", device]
     for q in queues or ():
         cmd += ["--queue", q]
-    child_env = {**os.environ, **_settings_env(settings), **(env or {})}
+    child_env = {**os.environ, **_settings_env(settings), PARENT_ENV: str(os.getpid()), **(env or {})}
     return subprocess.Popen(
         cmd,
         cwd=str(settings.base_dir),
@@ -197,6 +199,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from dicom_node.logs import guard_phi
 
     guard_phi(settings.node.log_phi)  # library warnings and exception texts can quote patient data
+    watch_parent_from_env()  # an embedded worker dies with its `serve` (dicom_node.jobs.lifeline)
     run_worker(settings, args.device, args.queue, args.concurrency, loglevel=args.loglevel)
 
 

@@ -137,6 +137,31 @@ def broker_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return request.getfixturevalue("rabbit_vhost")
 
 
+# The two deployments every worker fault is tested on: the embedded defaults, and production's.
+BROKER_DB_SETUPS = [
+    pytest.param(("embedded", "sqlite"), id="embedded-sqlite"),
+    pytest.param(("rabbitmq", "postgres"), id="rabbitmq-postgres", marks=[pytest.mark.rabbitmq, pytest.mark.postgres]),
+]
+
+
+def setup_settings(setup: tuple[str, str], request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    """Settings (DB initialised) for one of BROKER_DB_SETUPS: embedded SQLite broker + SQLite index,
+    or a private RabbitMQ vhost + a fresh PostgreSQL database."""
+    from dicom_node.config import load_config
+    from dicom_node.db import init_db
+
+    broker_kind, db_kind = setup
+    broker_url = (
+        f"sqla+sqlite:///{tmp_path / 'broker.db'}"
+        if broker_kind == "embedded"
+        else request.getfixturevalue("rabbit_vhost")
+    )
+    db_url = f"sqlite:///{tmp_path / 'index.db'}" if db_kind == "sqlite" else request.getfixturevalue("pg_url")
+    settings = load_config(write_config(tmp_path, db_url, broker_url))
+    init_db(settings.database.url)
+    return settings
+
+
 # --------------------------------------------------------------------------- studies
 
 

@@ -28,6 +28,7 @@ from dicom_node.routing import parse_rules
 from dicom_node.storage import Storage
 from tests.conftest import REPO
 from tests.jobs.conftest import (
+    BROKER_DB_SETUPS,
     FAST_RULES,
     WorkerProcess,
     complete_all,
@@ -35,6 +36,7 @@ from tests.jobs.conftest import (
     ct_study,
     ingest,
     rabbitmq_app_stopped,
+    setup_settings,
     slow_rules,
     undecodable_cr,
     wait_for,
@@ -196,27 +198,11 @@ def test_node_to_worker_end_to_end_with_a_bad_study_and_retry(
         engine.dispose()
 
 
-@pytest.mark.parametrize(
-    "setup",
-    [
-        pytest.param(("embedded", "sqlite"), id="embedded-sqlite"),
-        pytest.param(
-            ("rabbitmq", "postgres"), id="rabbitmq-postgres", marks=[pytest.mark.rabbitmq, pytest.mark.postgres]
-        ),
-    ],
-)
+@pytest.mark.parametrize("setup", BROKER_DB_SETUPS)
 def test_worker_killed_mid_task_outputs_exactly_once(
     setup: tuple[str, str], request: pytest.FixtureRequest, tmp_path: Path, start_worker: Any
 ) -> None:
-    broker_kind, db_kind = setup
-    broker_url = (
-        f"sqla+sqlite:///{tmp_path / 'broker.db'}"
-        if broker_kind == "embedded"
-        else request.getfixturevalue("rabbit_vhost")
-    )
-    db_url = f"sqlite:///{tmp_path / 'index.db'}" if db_kind == "sqlite" else request.getfixturevalue("pg_url")
-    settings = load_config(write_config(tmp_path, db_url, broker_url))
-    init_db(settings.database.url)
+    settings = setup_settings(setup, request, tmp_path)
     engine = make_engine(settings.database.url)
     storage = Storage(settings.storage.path)
     ingest(settings, cr_study(tmp_path / "cr"))
