@@ -217,6 +217,7 @@ class Gateway:
         self.quiet = quiet
         self.profile = profile
         self.config = workdir / "unimedvl.toml"
+        self.db_url = f"sqlite:///{workdir / 'index.db'}"
         workdir.mkdir(parents=True, exist_ok=True)
         self.config.write_text(
             gateway_config(
@@ -301,20 +302,27 @@ def finished(tl: dict[str, Any]) -> bool:
     )
 
 
-def wait_timelines(api: str, study_uids: list[str], timeout: float) -> dict[str, dict[str, Any]]:
+def wait_timelines(db_url: str, study_uids: list[str], timeout: float) -> dict[str, dict[str, Any]]:
+    """Poll the studies' timelines in the gateway's index (the API needs a login since the console)."""
+    from dicom_node.db import make_engine
+    from dicom_node.jobs.admin import study_timeline
+
     deadline = time.monotonic() + timeout
     done: dict[str, dict[str, Any]] = {}
-    with httpx.Client(base_url=api, timeout=10) as client:
+    engine = make_engine(db_url)
+    try:
         while time.monotonic() < deadline:
             for uid in study_uids:
                 if uid in done:
                     continue
-                r = client.get(f"/api/studies/{uid}/timeline")
-                if r.status_code == 200 and finished(r.json()):
-                    done[uid] = r.json()
+                tl = study_timeline(engine, uid)
+                if tl is not None and finished(tl):
+                    done[uid] = json.loads(json.dumps(tl, default=str))
             if len(done) == len(study_uids):
                 return done
             time.sleep(0.25)
+    finally:
+        engine.dispose()
     raise PeerError(f"{len(study_uids) - len(done)} of {len(study_uids)} studies not finished within {timeout:.0f} s")
 
 
@@ -449,9 +457,16 @@ def turnaround(
     return t
 
 
-def outputs_in_orthanc(api: str, orthanc: OrthancServer, study_uid: str) -> tuple[int, int]:
+def outputs_in_orthanc(db_url: str, orthanc: OrthancServer, study_uid: str) -> tuple[int, int]:
     """(outputs recorded by the gateway, how many of their SOP Instance UIDs Orthanc holds)."""
-    jobs = httpx.get(f"{api}/api/jobs", params={"study": study_uid}, timeout=10).json()
+    from dicom_node.db import make_engine
+    from dicom_node.jobs.admin import list_jobs
+
+    engine = make_engine(db_url)
+    try:
+        jobs = list_jobs(engine, study_instance_uid=study_uid, limit=1000)
+    finally:
+        engine.dispose()
     uids = {o["sop_instance_uid"] for j in jobs for o in j["outputs"]}
     held = set(orthanc.study_instances(study_uid))
     return len(uids), len(uids & held)
@@ -487,8 +502,8 @@ def run_turnaround(
         uid = new_uid()
         files = make(uid, data / f"{gw.profile}-{gw.workers}-{label}-{rep}")
         _send(files, gw)
-        tl = wait_timelines(gw.api, [uid], timeout)[uid]
-        n_out, held = outputs_in_orthanc(gw.api, orthanc, uid)
+        tl = wait_timelines(gw.db_url, [uid], timeout)[uid]
+        n_out, held = outputs_in_orthanc(gw.db_url, orthanc, uid)
         logs = gw.worker_logs()
         t = turnaround(tl, gw.quiet, pipeline_seconds(logs), held, f"{label} ({len(files)} inst)", received_times(logs))
         t.outputs = n_out
@@ -523,14 +538,14 @@ def run_throughput(
     t0 = datetime.now(UTC)
     for _, files in sets:
         _send(files, gw)
-    tls = wait_timelines(gw.api, [u for u, _ in sets], timeout)
+    tls = wait_timelines(gw.db_url, [u for u, _ in sets], timeout)
     ends = []
     outputs = held = failed = 0
     for uid, tl in tls.items():
         jobs = [j for r in tl["revisions"] for j in r["jobs"]]
         failed += sum(j["state"] != "done" for j in jobs)
         ends += [_ts(d["done_at"]) for j in jobs for d in j["deliveries"] if d["done_at"]]
-        n, h = outputs_in_orthanc(gw.api, orthanc, uid)
+        n, h = outputs_in_orthanc(gw.db_url, orthanc, uid)
         outputs += n
         held += h
     seconds = (max(ends) - t0).total_seconds() if ends else float("nan")
