@@ -200,7 +200,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
             sender = (
                 [sys.executable, "-m", "pynetdicom", "storescu", "-r", "-cx"]
                 if name == "us_retired_sop_class"
-                else [storescu, "+sd", "+r"]
+                else [storescu, "+sd", "+r", "-nh"]  # -nh: a refused file does not stop the rest, as on a modality
             )
             sent = subprocess.run(
                 [*sender, "-aet", SENDER[name], "-aec", "UNIMEDVL", "127.0.0.1", str(serve.settings.node.port)]
@@ -299,24 +299,24 @@ def test_missing_patient_id(run: Run) -> None:
 
 
 def test_one_broken_series_fails_alone_named(run: Run) -> None:
-    """cases.json: the good series gets its outputs; the broken one fails alone, named."""
+    """cases.json: the good series gets its outputs; the broken one fails alone, named.
+
+    The broken MR slice has truncated Pixel Data. Since issue 15 the node refuses such an
+    instance at the door (0xA900 with a reason, recorded as a rejection naming its SOP class and
+    calling AE), so the sender keeps its copy; the rest of the study, including the MR series'
+    intact slices, is processed as usual and gets its outputs."""
     case = run.cases["ct_two_series_one_broken"]
     _no_crash(case)
+    refused = [r for r in run.rejections if r["calling_ae"] == SENDER["ct_two_series_one_broken"]]
+    assert len(refused) == 1 and refused[0]["stage"] == "store" and refused[0]["status"] == 0xA900, refused
+    assert "Pixel Data" in refused[0]["detail"], refused[0]
     by_series: dict[str, list[Job]] = {}
     for job in case.jobs:
         by_series.setdefault(job.series_uids[0], []).append(job)
     assert len(by_series) == 2 and all(len(j.series_uids) == 1 for j in case.jobs)
-    states = {uid: {j.state for j in jobs} for uid, jobs in by_series.items()}
-    good = [uid for uid, s in states.items() if s == {"done"}]
-    bad = [uid for uid, s in states.items() if "failed" in s]
-    assert len(good) == 1 and len(bad) == 1, states
-    sources = [pydicom.dcmread(p, stop_before_pixels=True) for p in case.folder.glob("*.dcm")]
-    broken = next(d for d in sources if d.SeriesInstanceUID == bad[0])
-    for job in by_series[bad[0]]:
-        if job.state == "failed":
-            assert f'series {broken.SeriesNumber} "{broken.SeriesDescription}"' in (job.error or ""), job.error
-            assert "InstanceNumber" in (job.error or ""), job.error
-    assert all(case.outputs[j.id or 0] for j in by_series[good[0]])
+    assert all(j.state == "done" and case.outputs[j.id or 0] for j in case.jobs), [
+        (j.state, j.error) for j in case.jobs
+    ]
 
 
 def test_seg_on_a_15x17_grid(run: Run) -> None:
