@@ -19,6 +19,7 @@ from tests.jobs.conftest import FAST_RULES, complete_all, cr_study, ingest, wait
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(720)  # a cold first start of worker + batch on a busy 2-core CI machine
 def test_routed_study_finishes_while_a_large_batch_is_queued(tmp_path: Path) -> None:
     from dicom_node.config import load_config
     from dicom_node.db import init_db, make_engine
@@ -59,7 +60,14 @@ def test_routed_study_finishes_while_a_large_batch_is_queued(tmp_path: Path) -> 
             )
 
     try:
-        wait_for(finished_items, 300, "the batch under way", lambda: blog.read_text()[-3000:])
+        wait_for(
+            finished_items,
+            480,
+            "the batch under way",
+            lambda: (
+                blog.read_text()[-3000:] + "\n--- worker ---\n" + Path(wlog.name).read_text(errors="replace")[-3000:]
+            ),
+        )
         ingest(settings, cr_study(tmp_path / "clinical"))
         (event,) = complete_all(engine, settings)
         planner = Planner(engine, parse_rules(FAST_RULES), publisher)

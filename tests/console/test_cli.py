@@ -90,7 +90,8 @@ def test_users_commands(tmp_path: Any) -> None:
     bad_role = users("add", "erin", "--role", "root", "--password-stdin", stdin="erin-password-1\n")
     assert bad_role.exit_code == 2 and "role must be one of" in bad_role.output
     assert users("list").output.split() == ["carol", "admin"]
-    token = users("token", "carol", "--label", "ci").output.strip()
+    # The token is the one word printed with the token prefix (other lines may share the output).
+    token = next(w for w in users("token", "carol", "--label", "ci").output.split() if w.startswith("umv_"))
     client = TestClient(make_app(load_config(cfg)))
     assert client.get("/api/jobs", headers={"Authorization": f"Bearer {token}"}).status_code == 200
     assert users("remove", "carol").exit_code == 0
