@@ -16,7 +16,6 @@ import logging
 import os
 import shutil
 import tempfile
-import threading
 import time
 import traceback
 import uuid
@@ -46,6 +45,7 @@ from dicom_node.batch.models import (
 )
 from dicom_node.batch.sources import SourceError, StudyRef, parse_source
 from dicom_node.jobs.settings import as_utc, one_line, utcnow
+from dicom_node.leases import LeaseKeeper
 from dicom_node.routing import SeriesInfo, parse_rules, plan_study
 
 log = logging.getLogger("dicom_node.batch.execute")
@@ -192,40 +192,16 @@ def retry_or_fail(engine: Engine, c: ItemClaim, reason: str) -> str:
     return state
 
 
-class Heartbeat:
-    """Renews the item's lease every lease/3 s; `lost` is set when the claim moved elsewhere."""
-
-    def __init__(self, engine: Engine, c: ItemClaim) -> None:
-        self.engine, self.claim = engine, c
-        self.lost = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"batch-item-{c.item.id}", daemon=True)
-
-    def __enter__(self) -> Heartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join(10)
-
-    def _run(self) -> None:
-        interval = max(0.2, self.claim.item.lease_seconds / 3)
-        while not self._stop.wait(interval):
-            try:
-                now = utcnow()
-                with Session(self.engine) as s:
-                    n = s.execute(
-                        update(BatchItem)
-                        .where(_held(self.claim), col(BatchItem.state).in_([FETCHING, RUNNING]))
-                        .values(lease_until=now + timedelta(seconds=self.claim.item.lease_seconds))
-                    ).rowcount  # type: ignore[attr-defined]
-                    s.commit()
-                if not n:
-                    self.lost.set()
-                    return
-            except Exception as exc:  # a DB hiccup: the lease has margin for the next beat
-                log.warning("batch item %s: lease renewal failed (%s)", self.claim.item.id, type(exc).__name__)
+def _renew_item_lease(engine: Engine, c: ItemClaim) -> int:
+    """Extend the item's lease while the claim is still ours; 0 once it moved elsewhere (for LeaseKeeper)."""
+    with Session(engine) as s:
+        n = s.execute(
+            update(BatchItem)
+            .where(_held(c), col(BatchItem.state).in_([FETCHING, RUNNING]))
+            .values(lease_until=utcnow() + timedelta(seconds=c.item.lease_seconds))
+        ).rowcount  # type: ignore[attr-defined]
+        s.commit()
+    return n or 0
 
 
 # --------------------------------------------------------------------------- the work
@@ -489,7 +465,13 @@ def run_item(db: Engine, model: Any, item_id: int, *, worker: str | None = None,
     source = parse_source(c.batch.source, c.batch.options)
     scratch: Path | None = None
     try:
-        with Heartbeat(db, c) as hb:
+        with LeaseKeeper(
+            lambda: _renew_item_lease(db, c),
+            c.item.lease_seconds,
+            name=f"batch item {c.item.id}",
+            stop_when_lost=True,
+            min_interval=0.2,
+        ) as hb:
             started = time.monotonic()
             ref = StudyRef(c.item.study_instance_uid, c.item.patient_id, dict(c.item.locator))
             if not source.local:

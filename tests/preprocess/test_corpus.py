@@ -49,10 +49,7 @@ def test_the_corpus_is_there() -> None:
 def test_every_corpus_image_becomes_model_images_or_a_readable_refusal(path: str) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # header oddities: pydicom warns, we judge the outcome
-        try:
-            ds = pydicom.dcmread(path)
-        except Exception:
-            pytest.skip("pixel data unreadable by pydicom at read time: the node would refuse it (0xC000)")
+        ds = pydicom.dcmread(path)  # every corpus file parses; one that stops doing so must be looked at
         try:
             images = pp.series_to_images([ds], slices="middle", max_side=128)
         except pp.PreprocessError as exc:
