@@ -40,13 +40,18 @@ FAST_RULES: list[dict[str, Any]] = [
 ]
 
 
-def slow_rules(tokens: int) -> list[dict[str, Any]]:
-    """A CR report long enough (tokens generated one by one) to kill or disturb a worker mid-task."""
+def slow_rules(steps: int) -> list[dict[str, Any]]:
+    """A CR study -> one synthesized image taking `steps` denoising steps at 256x256 (~20 ms a step
+    on a 2-core CPU): a run of fixed length, long enough to kill or disturb a worker mid-task.
+
+    Not a report: text decoding stops wherever the tiny model happens to emit a stop token, so its
+    length depends on the input and the machine, and a "long" report once ended before its first
+    lease renewal on a faster CI machine."""
     return [
         {
-            "name": "cr-slow-report",
+            "name": "cr-slow-synthesis",
             "match": {"Modality": ["CR"]},
-            "tasks": [{"kind": "report", "prompt": "Describe.", "slices": "all", "max_new_tokens": tokens}],
+            "tasks": [{"kind": "synthesize", "prompt": "A chest radiograph.", "size": [256, 256], "steps": steps}],
         }
     ]
 
