@@ -40,7 +40,14 @@ def test_routed_study_finishes_while_a_large_batch_is_queued(tmp_path: Path) -> 
         settings, queues=["understanding", "batch"], stdout=wlog, stderr=subprocess.STDOUT, env=env
     )
     blog = tmp_path / "batch.log"
-    args = ["batch", str(root), "--out", str(tmp_path / "out"), "--task", "report", "--max-new-tokens", "8"]
+    # Items of fixed length (150 denoising steps at 256x256, ~3 s on a 2-core CPU): a report's length
+    # depends on where the tiny model stops, and on a fast machine the batch could end before the test.
+    rules = tmp_path / "batch_rules.toml"
+    rules.write_text(
+        '[[rules]]\nname = "slow-synthesis"\nmatch = {}\n'
+        '[[rules.tasks]]\nkind = "synthesize"\nprompt = "A chest radiograph."\nsize = [256, 256]\nsteps = 150\n'
+    )
+    args = ["batch", str(root), "--out", str(tmp_path / "out"), "--rules", str(rules)]
     args += ["--workers", "0", "--window", "2", "--json-progress", "-c", str(settings.config_path)]
     batch = subprocess.Popen(
         [sys.executable, "-m", "dicom_node.cli", *args],
