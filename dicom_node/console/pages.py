@@ -1,5 +1,5 @@
 """Console pages (server-rendered, Jinja2): login, dashboard, studies, one study's timeline with
-previews, jobs, deliveries, rejections and duplicates, routing rules with a dry run.
+previews, jobs, deliveries, research batches, rejections and duplicates, routing rules with a dry run.
 
 Every route sits behind `dicom_node.console.guard.guard` (installed app-wide by
 `dicom_node.api.create_app`). Patient name/ID appear only for roles in `console.phi_roles`, and
@@ -19,6 +19,7 @@ from fastapi.templating import Jinja2Templates
 from sqlmodel import Session, select
 
 from dicom_node import api as index_api
+from dicom_node.batch.results import batch_status, list_batches
 from dicom_node.console import views
 from dicom_node.console.auth import check_password, create_session, end_session
 from dicom_node.console.guard import SESSION_COOKIE, current
@@ -220,6 +221,18 @@ def console_router(publisher: Any = None, jobs_settings: Any = None) -> APIRoute
         done = requeue(request.app.state.engine, ids=[row_id])
         msg = f"delivery {row_id} re-queued" if done else f"delivery {row_id} is not failed: nothing to retry"
         return RedirectResponse(_flash(_local_path(next, "/deliveries"), msg), status_code=303)
+
+    @router.get("/batches", response_class=HTMLResponse)
+    def batches(request: Request) -> HTMLResponse:
+        return render(request, "batches.html", batches=list_batches(engine(request), 50), one=False)
+
+    @router.get("/batches/{batch_id}", response_class=HTMLResponse)
+    def batch(request: Request, batch_id: int) -> HTMLResponse:
+        try:
+            found = batch_status(engine(request), batch_id, failures=200)
+        except KeyError:
+            raise HTTPException(404, f"there is no batch {batch_id}") from None
+        return render(request, "batches.html", batches=[found], one=True)
 
     @router.get("/rejections", response_class=HTMLResponse)
     def rejections(request: Request) -> HTMLResponse:
