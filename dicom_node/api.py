@@ -269,12 +269,14 @@ def create_app(
     app.state.settings = settings
     readiness = ReadinessChecker(settings, engine)
     app.state.readiness = readiness
+    from dicom_node.batch.metrics import BatchCollector
     from dicom_node.jobs.metrics import JobCollector
 
     registry = app_registry(
         SafeCollector(IndexCollector(engine, active_associations)),
         SafeCollector(OutboxCollector(engine)),
         SafeCollector(JobCollector(engine)),
+        SafeCollector(BatchCollector(engine)),
         ReadinessCollector(readiness),
     )
     app.state.metrics_registry = registry

@@ -180,12 +180,19 @@ def _finish(s: Session, item_id: int, token: str | None, state: str, reason: str
     ).rowcount  # type: ignore[attr-defined]
 
 
-def retry_or_fail(engine: Engine, c: ItemClaim, reason: str) -> str:
-    """Back to pending for another attempt (the driver re-publishes it), or failed when out of attempts."""
+def retry_or_fail(engine: Engine, c: ItemClaim, reason: str, *, crashed: bool = False) -> str:
+    """Back to pending for another attempt (the driver re-publishes it), or failed when out of attempts.
+    `crashed`: the attempt ended in an unexpected exception; counted in `BatchItem.crashes`."""
     state = FAILED if c.item.attempts >= c.item.max_attempts else PENDING
+    extra: dict[str, Any] = {"crashes": BatchItem.crashes + 1} if crashed else {}
     with Session(engine) as s:
         _finish(
-            s, c.item.id or 0, c.token, state, reason if state == PENDING else f"{reason} (attempt {c.item.attempts})"
+            s,
+            c.item.id or 0,
+            c.token,
+            state,
+            reason if state == PENDING else f"{reason} (attempt {c.item.attempts})",
+            **extra,
         )
         s.commit()
     log.warning("batch item %s attempt %d: %s -> %s", c.item.id, c.item.attempts, reason, state)
@@ -513,7 +520,7 @@ def run_item(db: Engine, model: Any, item_id: int, *, worker: str | None = None,
         from dicom_node.jobs.runner import failure_reason
 
         log.error("batch item %s failed unexpectedly: %s\n%s", item_id, failure_reason(exc), traceback.format_exc())
-        return retry_or_fail(db, c, failure_reason(exc))
+        return retry_or_fail(db, c, failure_reason(exc), crashed=True)
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)

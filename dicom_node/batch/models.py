@@ -12,7 +12,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, Index, Text, UniqueConstraint
+from sqlalchemy import JSON, Column, Index, Integer, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 PENDING = "pending"  # in the DB, not published
@@ -75,6 +75,9 @@ class BatchItem(SQLModel, table=True):
     finished_at: datetime | None = None
     error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))  # readable reason
     timings: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    # Attempts that ended in an unexpected exception (a bug, not bad input), each retried or failed;
+    # summed by the unimedvl_batch_item_crashes metric. Migration 0007_batch_crashes.
+    crashes: int = Field(default=0, sa_column=Column(Integer, nullable=False, default=0, server_default="0"))
 
 
 class BatchResult(SQLModel, table=True):

@@ -176,6 +176,9 @@ def batch_status(engine: Engine, batch_id: int | None = None, *, failures: int =
                 BatchItem.batch_id == batch.id, col(BatchItem.finished_at) >= recent_cut
             )
         ).one()
+        crashes = s.exec(
+            select(func.coalesce(func.sum(BatchItem.crashes), 0)).where(BatchItem.batch_id == batch.id)
+        ).one()
         failed = s.exec(
             select(BatchItem.id, BatchItem.attempts, BatchItem.error)
             .where(BatchItem.batch_id == batch.id, BatchItem.state == FAILED)
@@ -205,6 +208,7 @@ def batch_status(engine: Engine, batch_id: int | None = None, *, failures: int =
         "eta_seconds": round(active / rate, 1) if rate and active else (0.0 if not active else None),
         "deidentified": bool((batch.options.get("deidentify") or {}).get("enabled")),
         "created_at": as_utc(batch.created_at).isoformat() if batch.created_at else None,  # type: ignore[union-attr]
+        "crashes": int(crashes or 0),
         "failures": [{"item": i, "attempts": a, "reason": e} for i, a, e in failed],
         "task_failures": [{"item": i, "task": t, "reason": r} for i, t, r in failed_results],
     }
