@@ -164,6 +164,24 @@ def _why(exc: BaseException) -> str:
 # --------------------------------------------------------------------------- DIMSE
 
 
+class _ScratchSink:
+    """The C-STORE side of a C-GET / C-MOVE retrieval: each received instance is written, as
+    received, to `scratch/NNNNNN.dcm` (numbered in arrival order; no received value names a file)."""
+
+    def __init__(self, scratch: Path) -> None:
+        self.scratch = scratch
+        self.files: list[Path] = []
+        self._lock = threading.Lock()
+
+    def on_store(self, event: Any) -> int:
+        with self._lock:
+            path = self.scratch / f"{len(self.files):06d}.dcm"
+            self.files.append(path)
+        with path.open("wb") as f:
+            f.write(event.encoded_dataset())
+        return 0x0000
+
+
 class DimseSource(Source):
     kind = "dimse"
 
@@ -248,43 +266,25 @@ class DimseSource(Source):
         for cx in StoragePresentationContexts[:127]:  # 128 contexts at most per association
             ae.add_requested_context(cx.abstract_syntax)
             roles.append(build_role(cx.abstract_syntax, scp_role=True))
-        files: list[Path] = []
-        lock = threading.Lock()
-
-        def on_store(event: Any) -> int:
-            with lock:
-                path = scratch / f"{len(files):06d}.dcm"
-                files.append(path)
-            with path.open("wb") as f:
-                f.write(event.encoded_dataset())
-            return 0x0000
-
-        assoc = self._associate(ae, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)])
-        return self._retrieve(assoc, assoc.send_c_get(self._identifier(ref), Get), files, "C-GET")
+        sink = _ScratchSink(scratch)
+        assoc = self._associate(ae, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, sink.on_store)])
+        return self._retrieve(assoc, assoc.send_c_get(self._identifier(ref), Get), sink.files, "C-GET")
 
     def _move(self, ref: StudyRef, scratch: Path) -> list[Path]:
         from pynetdicom import AllStoragePresentationContexts, evt
         from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as Move
 
-        files: list[Path] = []
-        lock = threading.Lock()
-
-        def on_store(event: Any) -> int:
-            with lock:
-                path = scratch / f"{len(files):06d}.dcm"
-                files.append(path)
-            with path.open("wb") as f:
-                f.write(event.encoded_dataset())
-            return 0x0000
-
+        sink = _ScratchSink(scratch)
         ae = self._ae()
         ae.supported_contexts = AllStoragePresentationContexts
-        server = ae.start_server(("0.0.0.0", self.move_port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+        server = ae.start_server(
+            ("0.0.0.0", self.move_port), block=False, evt_handlers=[(evt.EVT_C_STORE, sink.on_store)]
+        )
         try:
             ae.add_requested_context(Move)
             assoc = self._associate(ae)
             return self._retrieve(
-                assoc, assoc.send_c_move(self._identifier(ref), self.calling_ae, Move), files, "C-MOVE"
+                assoc, assoc.send_c_move(self._identifier(ref), self.calling_ae, Move), sink.files, "C-MOVE"
             )
         finally:
             server.shutdown()
