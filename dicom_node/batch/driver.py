@@ -334,20 +334,7 @@ class CeleryPublisher:
         self._inner = Publisher(broker_url)
 
     def __call__(self, item_id: int) -> None:
-        inner = self._inner
-        with inner._lock:
-            if not inner._dead_letter_declared:  # RabbitMQ: before any message can be dead-lettered
-                from dicom_node.jobs.celery_app import declare_dead_letter_queue
-
-                declare_dead_letter_queue(inner.app)
-                inner._dead_letter_declared = True
-            inner.app.send_task(
-                RUN_ITEM,
-                args=[item_id],
-                queue=BATCH_QUEUE,
-                retry=True,
-                retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2.0},
-            )
+        self._inner.send(RUN_ITEM, [item_id], BATCH_QUEUE, max_retries=3)
 
     def close(self) -> None:
         self._inner.close()

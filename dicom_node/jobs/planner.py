@@ -51,7 +51,12 @@ class Publisher:
         self._broker_db: Engine | None = None
 
     def publish(self, job_id: int, queue: str) -> None:
-        # Publisher confirms on RabbitMQ (confirm_publish): returning means the broker has it.
+        """ "Run job N" on `queue`; returns once the broker has it."""
+        self.send(TASK_NAME, [job_id], queue)
+
+    def send(self, task_name: str, args: list[Any], queue: str, *, max_retries: int = 2) -> None:
+        """One task message (the jobs' and the research batch's). Publisher confirms on RabbitMQ
+        (confirm_publish): returning means the broker has it; connection errors are retried."""
         with self._lock:
             if not self._dead_letter_declared:  # before any message can be dead-lettered
                 from dicom_node.jobs.celery_app import declare_dead_letter_queue
@@ -59,11 +64,16 @@ class Publisher:
                 declare_dead_letter_queue(self.app)
                 self._dead_letter_declared = True
             self.app.send_task(
-                TASK_NAME,
-                args=[job_id],
+                task_name,
+                args=args,
                 queue=queue,
                 retry=True,
-                retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1.0},
+                retry_policy={
+                    "max_retries": max_retries,
+                    "interval_start": 0.2,
+                    "interval_step": 0.5,
+                    "interval_max": 1.0 if max_retries <= 2 else 2.0,
+                },
             )
 
     def ready_counts(self, queues: Sequence[str]) -> dict[str, int] | None:
