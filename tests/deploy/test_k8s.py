@@ -16,7 +16,7 @@ import pytest
 import typer.main
 
 from tests.conftest import REPO
-from tests.deploy.conftest import K8S, K8S_VERSION, OVERLAYS, by_kind, kustomize, workloads
+from tests.deploy.conftest import K8S, K8S_VERSION, OVERLAYS, by_kind, kustomize, venv_tool, workloads
 from tests.deploy.keda import check_keda
 
 OUR_IMAGES = ("unimedvl-gateway", "unimedvl/gateway", "unimedvl-worker-cuda", "unimedvl/worker-cuda")
@@ -329,3 +329,8 @@ def test_keda_scales_each_worker_on_the_queues_it_consumes(rendered: dict[str, l
     assert batch["spec"]["minReplicaCount"] == 0  # scale to zero for the research queue
     # the demo has no KEDA (a single-node cluster without the operator)
     assert not by_kind(rendered["demo"], "ScaledObject")
+
+
+def test_a_missing_tool_fails_the_test_instead_of_skipping_it() -> None:
+    with pytest.raises(pytest.fail.Exception, match="run scripts/setup.sh"):
+        venv_tool("no-such-deploy-tool")
