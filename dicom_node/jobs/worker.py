@@ -75,6 +75,12 @@ _QUEUE_ALIASES = {
 }
 
 
+def worker_queues(queues: Sequence[str] | None) -> list[str]:
+    """The queue names a worker started with `--queue` values (short names, queue names or task
+    kinds; None: both model queues) consumes. Raises ValueError for an unknown entry."""
+    return queues_for([_QUEUE_ALIASES.get(q, q) for q in queues] if queues else None)
+
+
 def run_worker(
     settings: Any,
     device: str | None = None,
@@ -93,7 +99,7 @@ def run_worker(
     from dicom_node.jobs.celery_app import UNDERSTANDING_QUEUE, app, configure, resolve_broker_url
 
     device = pin_device(device)
-    names = queues_for([_QUEUE_ALIASES.get(q, q) for q in queues] if queues else None)
+    names = worker_queues(queues)
     parts = "understanding" if names == [UNDERSTANDING_QUEUE] else "all"
     configure(app, resolve_broker_url(settings.broker.url, settings.base_dir))
     app.conf.task_time_limit = job_settings(settings).time_limit_seconds
