@@ -71,6 +71,7 @@ class Service:
     def stop(self, grace_seconds: float = 10.0) -> None:
         if self._server is not None:
             self._server.should_exit = True
+        self.jobs.begin_stop()  # the embedded worker takes no new message from here on
         self.node.stop(grace_seconds)  # no new instances, completion monitor stopped
         self.jobs.stop()
         self._export_stop.set()

@@ -49,6 +49,7 @@ class JobService:
         self.worker: subprocess.Popen | None = None
         self._stop = threading.Event()
         self._supervisor: threading.Thread | None = None
+        self._worker_signalled = False  # SIGTERM sent by begin_stop()
 
     @classmethod
     def from_settings(cls, settings: Any, engine: Engine, **kw: Any) -> JobService:
@@ -68,16 +69,30 @@ class JobService:
             self._supervisor = threading.Thread(target=self._supervise, name="worker-supervisor", daemon=True)
             self._supervisor.start()
 
-    def stop(self, timeout: float = 30.0) -> None:
-        from dicom_node.jobs.worker import stop_worker
+    def begin_stop(self) -> None:
+        """First step of a shutdown: the embedded worker stops taking messages now (SIGTERM: Celery's
+        warm shutdown, the running job finishes), so jobs planned while the node winds down stay
+        queued for the next start instead of keeping the shutdown waiting on a model run."""
+        import signal
 
         self._stop.set()
         if self._supervisor is not None:
             self._supervisor.join(5)
             self._supervisor = None
+        if self.worker is not None and not self._worker_signalled and self.worker.poll() is None:
+            try:
+                self.worker.send_signal(signal.SIGTERM)
+                self._worker_signalled = True
+            except ProcessLookupError:
+                pass
+
+    def stop(self, timeout: float = 30.0) -> None:
+        from dicom_node.jobs.worker import stop_worker
+
+        self.begin_stop()
         if self.worker is not None:
             # A job cut short here recorded nothing; it is re-queued when its lease expires.
-            stop_worker(self.worker, timeout)
+            stop_worker(self.worker, timeout, signalled=self._worker_signalled)
             self.worker = None
         self.planner.stop()
         self.publisher.close()
@@ -85,6 +100,7 @@ class JobService:
     def _start_worker(self) -> None:
         from dicom_node.jobs.worker import start_embedded_worker
 
+        self._worker_signalled = False
         self.worker = start_embedded_worker(
             self.settings, env=self.worker_env, stdout=self.worker_log, stderr=self.worker_log
         )

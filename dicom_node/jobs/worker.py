@@ -165,17 +165,19 @@ def start_embedded_worker(
     )
 
 
-def stop_worker(proc: subprocess.Popen, timeout: float = 30.0) -> int | None:
+def stop_worker(proc: subprocess.Popen, timeout: float = 30.0, *, signalled: bool = False) -> int | None:
     """SIGTERM to the worker (warm shutdown: the running job finishes), then SIGKILL of its group.
+    `signalled`: the SIGTERM was sent already (a second one would interrupt Celery's warm shutdown).
 
     Killing is safe: an unfinished job recorded nothing and is re-queued when its lease expires.
     """
     if proc.poll() is not None:
         return proc.returncode
-    try:
-        proc.send_signal(signal.SIGTERM)  # the Celery main process; it stops its pool child itself
-    except ProcessLookupError:
-        return proc.wait()
+    if not signalled:
+        try:
+            proc.send_signal(signal.SIGTERM)  # the Celery main process; it stops its pool child itself
+        except ProcessLookupError:
+            return proc.wait()
     try:
         return proc.wait(timeout)
     except subprocess.TimeoutExpired:

@@ -105,6 +105,9 @@ def test_serve_status_and_studies_commands(tmp_path: Path) -> None:
     port, http_port = free_port(), free_port()
     sections = node_sections(tmp_path, f"sqlite:///{tmp_path / 'index.db'}", port=port)
     sections["http"] = {"bind": f"127.0.0.1:{http_port}"}
+    # The study stays incomplete while the service runs: this test is about start, API, CLI and a
+    # clean stop, not about a model run (a job started by then would keep the stop waiting on it).
+    sections["completion"].update(study_quiet_seconds=600, series_quiet_seconds=600, force_complete_seconds=3600)
     cfg = write_config(tmp_path / "unimedvl.toml", **sections)
     proc = subprocess.Popen(
         [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(cfg)],
