@@ -145,6 +145,13 @@ class CompletionSettings(_Section):
     series_quiet_seconds: float = Field(30.0, gt=0)
     force_complete_seconds: float = Field(3600.0, gt=0)
     check_interval_seconds: float = Field(0.25, gt=0)
+    # Accept Modality Performed Procedure Step N-CREATE/N-SET (dicom_node/mpps.py) on the listener.
+    mpps: bool = True
+    # Complete a series once it holds as many instances as each of them says in ImagesInAcquisition.
+    images_in_acquisition: bool = True
+    # How long after its last instance an announced series (count not reached, MPPS IN PROGRESS or
+    # missing instances) is held back from the quiet rule; force_complete_seconds still applies.
+    announced_wait_seconds: float = Field(600.0, gt=0)
 
 
 class ExportSettings(_Section):

@@ -25,7 +25,7 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom.tag import Tag
-from sqlalchemy import Integer, and_, bindparam, func, insert, select, update
+from sqlalchemy import BigInteger, Integer, and_, bindparam, false, func, insert, select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlmodel import Session, UTCDateTime
@@ -90,8 +90,18 @@ _TOUCH_SERIES = (
     .values(
         state=RECEIVING,
         completed_at=None,
+        completion_reason=None,
         last_received_at=bindparam("p_now", type_=_TS),
         instance_count=SERIES.c.instance_count + bindparam("p_inc", type_=Integer()),
+        # The count stays known only while every instance announces the same one (dicom_node/completion.py).
+        count_known=func.coalesce(
+            and_(
+                SERIES.c.count_known,
+                SERIES.c.expected_instances == bindparam("p_expected", type_=Integer()),
+                SERIES.c.count_acquisition.is_not_distinct_from(bindparam("p_acq", type_=BigInteger())),
+            ),
+            false(),
+        ),
     )
 )
 _TOUCH_STUDY = (
@@ -140,6 +150,8 @@ _TAGS = [
     "SamplesPerPixel",
     "BitsAllocated",
     "NumberOfFrames",
+    "ImagesInAcquisition",
+    "AcquisitionNumber",
 ]
 _SPECIFIC = [Tag(k) for k in _TAGS]
 
@@ -183,6 +195,8 @@ class Tags:
     samples_per_pixel: int | None = None
     bits_allocated: int | None = None
     number_of_frames: int | None = None
+    images_in_acquisition: int | None = None  # (0020,1002), PS3.3 C.7.6.1; only values >= 1
+    acquisition_number: int | None = None
 
 
 @dataclass(frozen=True)
@@ -286,7 +300,17 @@ def parse_tags(preamble_and_meta: bytes, dataset: bytes) -> Tags:
         samples_per_pixel=_int(ds.get("SamplesPerPixel")) if "SamplesPerPixel" in present else None,
         bits_allocated=_int(ds.get("BitsAllocated")) if "BitsAllocated" in present else None,
         number_of_frames=_int(ds.get("NumberOfFrames")) if "NumberOfFrames" in present else None,
+        images_in_acquisition=_count(ds, present),
+        acquisition_number=_int(ds.get("AcquisitionNumber")) if "AcquisitionNumber" in present else None,
     )
+
+
+def _count(ds: Any, present: set[str]) -> int | None:
+    """ImagesInAcquisition (0020,1002) when it is a positive integer, else None."""
+    if "ImagesInAcquisition" not in present:
+        return None
+    n = _int(ds.get("ImagesInAcquisition"))
+    return n if n is not None and n >= 1 else None
 
 
 def check_encoding(dataset: bytes, transfer_syntax_uid: str) -> Walked | None:
@@ -696,6 +720,9 @@ class Ingest:
                 "first_received_at": now,
                 "last_received_at": now,
                 "instance_count": 0,
+                "expected_instances": tags.images_in_acquisition,
+                "count_acquisition": tags.acquisition_number,
+                "count_known": tags.images_in_acquisition is not None,
             },
         )
         values: dict[str, Any] = {
@@ -746,7 +773,16 @@ class Ingest:
                     .where(STUDIES.c.id == existing.study_pk)
                     .values(instance_count=STUDIES.c.instance_count - 1)
                 )
-        conn.execute(_TOUCH_SERIES, {"p_series": series_pk, "p_now": now, "p_inc": 1 if added_to_series else 0})
+        conn.execute(
+            _TOUCH_SERIES,
+            {
+                "p_series": series_pk,
+                "p_now": now,
+                "p_inc": 1 if added_to_series else 0,
+                "p_expected": tags.images_in_acquisition,
+                "p_acq": tags.acquisition_number,
+            },
+        )
         conn.execute(
             _TOUCH_STUDY,
             {"p_study": study_pk, "p_rev": revision, "p_now": now, "p_inc": 1 if added_to_study else 0},

@@ -15,7 +15,9 @@ around it:
   client on the TLS port cannot stall the accept loop;
 - SO_REUSEPORT when several listener processes share one port;
 - refused presentation contexts recorded in the rejection log with calling AE and SOP class;
-- the C-STORE handler that hands the raw received bytes to `Ingest` (no decode/re-encode).
+- the C-STORE handler that hands the raw received bytes to `Ingest` (no decode/re-encode);
+- the Modality Performed Procedure Step SCP (N-CREATE / N-SET, PS3.4 Annex F) in
+  dicom_node/mpps.py, when `completion.mpps` is on.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, DEFAULT_TRANSFER_SYNTAXES, _config, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import Verification, register_uid, uid_to_service_class
@@ -56,6 +58,7 @@ from dicom_node.ingest import (
     short_ae,
 )
 from dicom_node.logs import kv
+from dicom_node.mpps import MPPS_SOP_CLASS, MppsStore
 from dicom_node.sop_classes import storable, storage_keyword, storage_sop_classes
 from dicom_node.transport_guard import AssociateRequest, ConnectionGuard
 
@@ -205,9 +208,11 @@ class Listener:
         *,
         reuse_port: bool = False,
         active: ActiveAssociations | None = None,
+        on_mpps_final: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
         self.ingest = ingest
+        self.mpps = MppsStore(ingest.engine, on_final=on_mpps_final)
         self.reuse_port = reuse_port
         self.active = active or ActiveAssociations()
         self.servers: list[GatewayServer] = []
@@ -246,12 +251,16 @@ class Listener:
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
         for uid in storage_sop_classes():
             ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
+        if self.settings.completion.mpps:
+            ae.add_supported_context(MPPS_SOP_CLASS, DEFAULT_TRANSFER_SYNTAXES)
         return ae
 
     def _evt_handlers(self) -> list[Any]:
         return [
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_N_CREATE, self._on_n_create),
+            (evt.EVT_N_SET, self._on_n_set),
             (evt.EVT_ESTABLISHED, self._on_established),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_CONN_CLOSE, self._on_close),
@@ -490,6 +499,12 @@ class Listener:
 
     def _on_echo(self, event: Any) -> int:
         return 0x0000
+
+    def _on_n_create(self, event: Any) -> tuple[int, Dataset | None]:
+        return self.mpps.handle("N-CREATE", event, self._peer(event.assoc))
+
+    def _on_n_set(self, event: Any) -> tuple[int, Dataset | None]:
+        return self.mpps.handle("N-SET", event, self._peer(event.assoc))
 
     def _on_store(self, event: Any) -> int | Dataset:
         assoc = event.assoc
