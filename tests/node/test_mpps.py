@@ -3,6 +3,8 @@ as the MPPS SCU, and its failure statuses."""
 
 from __future__ import annotations
 
+import io
+import re
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -11,9 +13,12 @@ import pydicom
 from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import ModalityPerformedProcedureStep
+from rich.console import Console
 from sqlmodel import Session, select
 
+from dicom_node.api import study_detail
 from dicom_node.completion import CompletionMonitor, StudyCompleted
+from dicom_node.console.tree import timeline_tree
 from dicom_node.jobs.admin import study_timeline
 from dicom_node.models import Mpps, Rejection, Series, StudyRevision
 from tests.node.conftest import NODE_AET, make_ct, store
@@ -122,6 +127,17 @@ def test_mpps_completed_completes_when_the_last_listed_instance_lands(
         assert s.exec(select(Mpps.applied_at)).one() is not None
     timeline = study_timeline(node.engine, study)
     assert timeline is not None and timeline["revisions"][0]["completed_because"] == "mpps"
+    assert timeline["revisions"][0]["series"] == [
+        {"series_instance_uid": series, "state": "complete", "completed_because": "mpps"}
+    ]
+    detail = study_detail(node.engine, ev.study_pk)  # the console's study page and /api/studies/{id}
+    assert detail is not None and [(x["state"], x["completion_reason"]) for x in detail["series"]] == [
+        ("complete", "mpps")
+    ]
+    console = Console(width=200, record=True, file=io.StringIO())
+    console.print(timeline_tree(timeline))  # what `unimedvl timeline` prints
+    text = console.export_text()
+    assert f"series {series}: complete (mpps)" in text and re.search(r"complete .* \(mpps\)", text)
 
 
 def test_mpps_hold_discontinued_and_late_instance(db_url: str, make_settings: Any, start_node: Any) -> None:
