@@ -20,6 +20,7 @@ from dicom_node.api import study_detail
 from dicom_node.completion import CompletionMonitor, StudyCompleted
 from dicom_node.console.tree import timeline_tree
 from dicom_node.jobs.admin import study_timeline
+from dicom_node.metrics import IndexCollector
 from dicom_node.models import Mpps, Rejection, Series, StudyRevision
 from tests.node.conftest import NODE_AET, make_ct, store
 
@@ -134,6 +135,9 @@ def test_mpps_completed_completes_when_the_last_listed_instance_lands(
     assert detail is not None and [(x["state"], x["completion_reason"]) for x in detail["series"]] == [
         ("complete", "mpps")
     ]
+    metrics = IndexCollector(node.engine).collect()
+    (completions,) = [m for m in metrics if m.name == "unimedvl_study_completions"]
+    assert [(x.labels, x.value) for x in completions.samples if x.name.endswith("_total")] == [({"reason": "mpps"}, 1)]
     console = Console(width=200, record=True, file=io.StringIO())
     console.print(timeline_tree(timeline))  # what `unimedvl timeline` prints
     text = console.export_text()
