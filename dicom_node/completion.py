@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, exists, func, or_, select, update
+from sqlalchemy import and_, exists, or_, select, update
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
@@ -136,45 +136,63 @@ class CompletionMonitor:
 
     def _apply_mpps(self, now: datetime) -> None:
         """Complete the series of each COMPLETED/DISCONTINUED MPPS whose listed instances have all
-        arrived, and mark it applied (instances arriving later open a revision as usual)."""
+        arrived, and mark it applied (instances arriving later open a revision as usual).
+
+        A step not updated for max(force_complete_seconds, announced_wait_seconds) (never ended,
+        or listing instances that never came) is given up: marked applied without completing
+        anything, so it stops holding its study. A later N-SET makes it pending again.
+        Reads first, writes only when there is something to write (SQLite has one writer)."""
+        give_up = now - max(self.force, self.announced_wait)
         with Session(self._read_engine) as s:
-            pending = [
-                r[0]
-                for r in s.execute(
-                    select(Mpps.id).where(Mpps.state.in_(MPPS_FINAL), Mpps.applied_at.is_(None)).order_by(Mpps.id)
-                ).all()
-            ]
-        for mpps_pk in pending:
-            with Session(self.engine) as s:
-                missing = s.execute(
-                    select(func.count(MppsReference.id)).where(
-                        MppsReference.mpps_pk == mpps_pk,
-                        ~exists().where(Instance.sop_instance_uid == MppsReference.sop_instance_uid),
+            pending = s.execute(
+                select(Mpps.id, Mpps.state, Mpps.updated_at).where(Mpps.applied_at.is_(None)).order_by(Mpps.id)
+            ).all()
+            stale = [p.id for p in pending if p.updated_at <= give_up]
+            whole = [
+                p.id
+                for p in pending
+                if p.state in MPPS_FINAL
+                and p.id not in stale
+                and not s.execute(
+                    select(
+                        exists().where(
+                            MppsReference.mpps_pk == p.id,
+                            ~exists().where(Instance.sop_instance_uid == MppsReference.sop_instance_uid),
+                        )
                     )
-                ).scalar_one()
-                if missing:
-                    continue
+                ).scalar()
+            ]
+        if stale:
+            with Session(self.engine) as s:
+                s.execute(update(Mpps).where(Mpps.id.in_(stale), Mpps.applied_at.is_(None)).values(applied_at=now))
+                s.commit()
+            log.warning("mpps given up", extra=kv(steps=len(stale)))
+        for mpps_pk in whole:
+            with Session(self.engine) as s:
                 listed = select(MppsReference.series_instance_uid).where(MppsReference.mpps_pk == mpps_pk)
                 done = s.execute(
                     update(Series)
                     .where(Series.series_instance_uid.in_(listed), Series.state == RECEIVING)
                     .values(state=COMPLETE, completed_at=now, completion_reason=REASON_MPPS)
                 ).rowcount
-                s.execute(update(Mpps).where(Mpps.id == mpps_pk).values(applied_at=now))
+                # Only if no N-SET made it pending again meanwhile (then the next round decides).
+                s.execute(update(Mpps).where(Mpps.id == mpps_pk, Mpps.applied_at.is_(None)).values(applied_at=now))
                 s.commit()
             log.info("mpps applied", extra=kv(mpps=mpps_pk, series_completed=done))
 
     def _complete_counted(self, now: datetime) -> None:
+        reached = (
+            Series.state == RECEIVING,
+            Series.count_known,
+            Series.expected_instances.is_not(None),
+            Series.instance_count >= Series.expected_instances,
+        )
+        with Session(self._read_engine) as s:
+            if s.execute(select(Series.id).where(*reached).limit(1)).first() is None:
+                return
         with Session(self.engine) as s:
             s.execute(
-                update(Series)
-                .where(
-                    Series.state == RECEIVING,
-                    Series.count_known,
-                    Series.expected_instances.is_not(None),
-                    Series.instance_count >= Series.expected_instances,
-                )
-                .values(state=COMPLETE, completed_at=now, completion_reason=REASON_COUNT)
+                update(Series).where(*reached).values(state=COMPLETE, completed_at=now, completion_reason=REASON_COUNT)
             )
             s.commit()
 
@@ -202,6 +220,7 @@ class CompletionMonitor:
             Series.study_pk == StudyRevision.study_pk,
             Series.state == COMPLETE,
             Series.completion_reason.in_(EARLY),
+            Series.completed_at >= StudyRevision.first_received_at,
         )
         with Session(self._read_engine) as s:
             rows = s.execute(

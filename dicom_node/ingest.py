@@ -306,8 +306,11 @@ def parse_tags(preamble_and_meta: bytes, dataset: bytes) -> Tags:
 
 
 def _count(ds: Any, present: set[str]) -> int | None:
-    """ImagesInAcquisition (0020,1002) when it is a positive integer, else None."""
+    """ImagesInAcquisition (0020,1002) when it is a positive integer, else None. Not for a
+    multi-frame instance: there it may count frames, not instances."""
     if "ImagesInAcquisition" not in present:
+        return None
+    if "NumberOfFrames" in present and (_int(ds.get("NumberOfFrames")) or 1) > 1:
         return None
     n = _int(ds.get("ImagesInAcquisition"))
     return n if n is not None and n >= 1 else None

@@ -160,7 +160,10 @@ class Mpps(SQLModel, table=True):
     """A Modality Performed Procedure Step instance we manage (PS3.4 Annex F), created by N-CREATE
     and updated by N-SET until COMPLETED or DISCONTINUED."""
 
-    __table_args__ = (Index("ix_mpps_study_state", "study_instance_uid", "state"),)
+    __table_args__ = (
+        Index("ix_mpps_study_instance_uid", "study_instance_uid"),
+        Index("ix_mpps_applied_at", "applied_at"),  # the monitor's rounds look for the pending (NULL) ones
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     sop_instance_uid: str = Field(max_length=64, unique=True)

@@ -173,7 +173,8 @@ class MppsStore:
                     "mpps_final",
                     f"N-SET of an MPPS already {row.state}: Performed Procedure Step Object may no longer be updated",
                 )
-            values: dict[str, Any] = {"updated_at": datetime.now(UTC)}
+            # Pending again (the completion monitor applies it anew, or holds its study while IN PROGRESS).
+            values: dict[str, Any] = {"updated_at": datetime.now(UTC), "applied_at": None}
             if state is not None:
                 values["state"] = state
             if "ScheduledStepAttributesSequence" in ds:

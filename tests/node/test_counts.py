@@ -51,7 +51,7 @@ def test_counts_only_when_every_instance_agrees(db_url: str, make_settings: Any)
     settings, ingest = _setup(make_settings, db_url, announced_wait_seconds=200)
     monitor = CompletionMonitor(ingest.engine, settings)
     study = pydicom.uid.generate_uid()
-    missing, differs, two_acq, short = (pydicom.uid.generate_uid() for _ in range(4))
+    missing, differs, two_acq, short, frames = (pydicom.uid.generate_uid() for _ in range(5))
     _receive(ingest, _counted(study, missing, 1, 2))
     _receive(ingest, _counted(study, missing, 2, None))
     _receive(ingest, _counted(study, differs, 1, 2))
@@ -59,17 +59,20 @@ def test_counts_only_when_every_instance_agrees(db_url: str, make_settings: Any)
     _receive(ingest, _counted(study, two_acq, 1, 2, acquisition=1))
     _receive(ingest, _counted(study, two_acq, 2, 2, acquisition=2))
     _receive(ingest, _counted(study, short, 1, 5))
+    multi = _counted(study, frames, 1, 2)  # 2 frames of 8x4: ImagesInAcquisition may count frames
+    multi.NumberOfFrames, multi.Columns = 2, 4
+    _receive(ingest, multi)
     t0 = datetime.now(UTC)
     assert monitor.poll() == []
     assert {uid: st for uid, (st, _) in _series(ingest.engine).items()} == dict.fromkeys(
-        (missing, differs, two_acq, short), "receiving"
+        (missing, differs, two_acq, short, frames), "receiving"
     )
     assert monitor.poll(t0 + timedelta(seconds=100)) == []  # quiet, but `short` still waits for its count
     got = _series(ingest.engine)
-    assert [got[u] for u in (missing, differs, two_acq)] == [("complete", "quiet")] * 3
+    assert [got[u] for u in (missing, differs, two_acq, frames)] == [("complete", "quiet")] * 4
     assert got[short] == ("receiving", None)
     (ev,) = monitor.poll(t0 + timedelta(seconds=201))
-    assert ev.reason == "quiet" and ev.instance_count == 7
+    assert ev.reason == "quiet" and ev.instance_count == 8
     assert _series(ingest.engine)[short] == ("complete", "quiet")
 
 

@@ -199,6 +199,13 @@ def test_in_progress_step_held_only_until_announced_wait(db_url: str, make_setti
     assert monitor.poll(t0 + timedelta(seconds=100)) == []
     (ev,) = monitor.poll(t0 + timedelta(seconds=121))
     assert ev.reason == "quiet"
+    # After force_complete_seconds without an update the step is given up: it holds nothing more.
+    monitor.poll(t0 + timedelta(seconds=3500))
+    with Session(node.engine) as s:
+        assert s.exec(select(Mpps.applied_at)).one() is None
+    monitor.poll(t0 + timedelta(seconds=3700))
+    with Session(node.engine) as s:
+        assert s.exec(select(Mpps.applied_at)).one() is not None
 
 
 def test_bad_mpps_gets_the_standard_status(db_url: str, make_settings: Any, start_node: Any) -> None:

@@ -40,7 +40,8 @@ def upgrade() -> None:
         _ts("updated_at"),
         _ts("applied_at", nullable=True),
     )
-    op.create_index("ix_mpps_study_state", "mpps", ["study_instance_uid", "state"])
+    op.create_index("ix_mpps_study_instance_uid", "mpps", ["study_instance_uid"])
+    op.create_index("ix_mpps_applied_at", "mpps", ["applied_at"])
     op.create_table(
         "mpps_reference",
         sa.Column("id", sa.Integer(), primary_key=True),
