@@ -5,7 +5,9 @@ Known completion first, timers as the fall-back:
   dicom_node/mpps.py) completes the series it lists as soon as every instance it lists has
   arrived (at once, or when the last one lands);
 - ("count") a series whose every instance carries the same ImagesInAcquisition (0020,1002,
-  PS3.3 C.7.6.1) and AcquisitionNumber completes when that many instances have arrived;
+  PS3.3 C.7.6.1) and AcquisitionNumber completes when that many instances have arrived, as does
+  one whose sending PACS answered our C-FIND with its Number of Series Related Instances
+  (dicom_node/count_query.py, opt-in per calling AE);
 - ("quiet") otherwise a series is complete when no instance arrived for `series_quiet_seconds`.
   A series that announced a count it has not reached, and every series of a study with an
   MPPS still IN PROGRESS (or COMPLETED with instances missing), is held back from the quiet
@@ -123,8 +125,7 @@ class CompletionMonitor:
         """Complete what is due at `now`, deliver undelivered completions; returns those delivered."""
         now = now or datetime.now(UTC)
         self._apply_mpps(now)
-        if self.use_counts:
-            self._complete_counted(now)
+        self._complete_counted(now)
         self._complete_series(now)
         for rev_id in self._due_revisions(now):
             self._complete_revision(rev_id, now)
@@ -181,12 +182,16 @@ class CompletionMonitor:
             log.info("mpps applied", extra=kv(mpps=mpps_pk, series_completed=done))
 
     def _complete_counted(self, now: datetime) -> None:
-        reached = (
-            Series.state == RECEIVING,
-            Series.count_known,
-            Series.expected_instances.is_not(None),
-            Series.instance_count >= Series.expected_instances,
-        )
+        counts = [and_(Series.queried_instances.is_not(None), Series.instance_count >= Series.queried_instances)]
+        if self.use_counts:
+            counts.append(
+                and_(
+                    Series.count_known,
+                    Series.expected_instances.is_not(None),
+                    Series.instance_count >= Series.expected_instances,
+                )
+            )
+        reached = (Series.state == RECEIVING, or_(*counts))
         with Session(self._read_engine) as s:
             if s.execute(select(Series.id).where(*reached).limit(1)).first() is None:
                 return
@@ -200,6 +205,7 @@ class CompletionMonitor:
         announced = [
             Series.study_pk.in_(_pending_mpps_studies()),
             Series.series_instance_uid.in_(_pending_mpps_series()),
+            Series.queried_instances.is_not(None),
         ]
         if self.use_counts:
             announced.append(and_(Series.count_known, Series.expected_instances.is_not(None)))

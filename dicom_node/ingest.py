@@ -212,6 +212,8 @@ class Outcome:
     write_s: float = 0.0
     fsync_s: float = 0.0
     index_s: float = 0.0
+    study_instance_uid: str = ""
+    series_instance_uid: str = ""
 
 
 def clean_text(value: Any, limit: int = 10_000) -> str | None:
@@ -484,6 +486,9 @@ class Ingest:
             # a separate look-up first would cost every new instance an extra round trip.
             t_index = time.perf_counter()
             outcome, drop_relpath = self._index(tags, relpath, sha, size, transfer_syntax_uid, peer, pending)
+            outcome = replace(
+                outcome, study_instance_uid=tags.study_instance_uid, series_instance_uid=tags.series_instance_uid
+            )
             if pending.done() and pending.exception() is None:
                 stored = pending.result()
                 outcome = replace(

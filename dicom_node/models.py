@@ -97,6 +97,8 @@ class Series(SQLModel, table=True):
     expected_instances: int | None = None
     count_acquisition: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
     count_known: bool = False
+    # NumberOfSeriesRelatedInstances the sending PACS answered to our C-FIND (completion.count_sources).
+    queried_instances: int | None = None
 
 
 class Instance(SQLModel, table=True):

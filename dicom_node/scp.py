@@ -17,7 +17,8 @@ around it:
 - refused presentation contexts recorded in the rejection log with calling AE and SOP class;
 - the C-STORE handler that hands the raw received bytes to `Ingest` (no decode/re-encode);
 - the Modality Performed Procedure Step SCP (N-CREATE / N-SET, PS3.4 Annex F) in
-  dicom_node/mpps.py, when `completion.mpps` is on.
+  dicom_node/mpps.py, when `completion.mpps` is on, and the series count queries to a
+  sending PACS (dicom_node/count_query.py, `completion.count_sources`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from pynetdicom.sop_class import Verification, register_uid, uid_to_service_clas
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.config import Settings
+from dicom_node.count_query import CountQueries
 from dicom_node.ingest import (
     MALFORMED_UID,
     MISSING_UID,
@@ -208,11 +210,16 @@ class Listener:
         *,
         reuse_port: bool = False,
         active: ActiveAssociations | None = None,
-        on_mpps_final: Callable[[], None] | None = None,
+        wake_completion: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
         self.ingest = ingest
-        self.mpps = MppsStore(ingest.engine, on_final=on_mpps_final)
+        # Both tell the completion monitor (when it runs in this process) to look now.
+        self.mpps = MppsStore(ingest.engine, on_final=wake_completion)
+        sources = settings.completion.count_sources
+        self.counts = (
+            CountQueries(ingest.engine, sources, settings.node.ae_title, on_count=wake_completion) if sources else None
+        )
         self.reuse_port = reuse_port
         self.active = active or ActiveAssociations()
         self.servers: list[GatewayServer] = []
@@ -320,6 +327,8 @@ class Listener:
             assoc.abort()
         self.servers.clear()
         self.guard.stop()
+        if self.counts is not None:
+            self.counts.stop()
 
     # ------------------------------------------------------------------ events
 
@@ -561,6 +570,8 @@ class Listener:
                 sop_class_uid=str(request.AffectedSOPClassUID or ""),
             )
             return _status(PROCESSING_FAILURE, "Processing failure: instance not stored")
+        if self.counts is not None and outcome.action == "stored":
+            self.counts.seen(peer.calling_ae, outcome.study_instance_uid, outcome.series_instance_uid)
         if stats is not None:
             stats.stored += 1
             stats.bytes += outcome.size

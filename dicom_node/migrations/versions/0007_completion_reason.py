@@ -1,4 +1,4 @@
-"""Completion without waiting: series completion reason and ImagesInAcquisition count, MPPS tables.
+"""Completion without waiting: series completion reason, ImagesInAcquisition and C-FIND counts, MPPS tables.
 
 Revision ID: 0007_completion_reason
 Revises: 0006_console
@@ -24,6 +24,7 @@ def upgrade() -> None:
         batch.add_column(sa.Column("completion_reason", sa.String(length=16), nullable=True))
         batch.add_column(sa.Column("expected_instances", sa.Integer(), nullable=True))
         batch.add_column(sa.Column("count_acquisition", sa.BigInteger(), nullable=True))
+        batch.add_column(sa.Column("queried_instances", sa.Integer(), nullable=True))
         batch.add_column(sa.Column("count_known", sa.Boolean(), nullable=False, server_default=sa.false()))
     with op.batch_alter_table("series") as batch:
         batch.alter_column("count_known", server_default=None)
@@ -59,6 +60,7 @@ def downgrade() -> None:
     op.drop_table("mpps")
     with op.batch_alter_table("series") as batch:
         batch.drop_column("count_known")
+        batch.drop_column("queried_instances")
         batch.drop_column("count_acquisition")
         batch.drop_column("expected_instances")
         batch.drop_column("completion_reason")
