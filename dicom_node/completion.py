@@ -181,17 +181,23 @@ class CompletionMonitor:
                 s.commit()
             log.info("mpps applied", extra=kv(mpps=mpps_pk, series_completed=done))
 
-    def _complete_counted(self, now: datetime) -> None:
-        counts = [and_(Series.queried_instances.is_not(None), Series.instance_count >= Series.queried_instances)]
+    def _counts(self, compare: Any) -> list[Any]:
+        """Per count source, `compare(instance_count, announced count)` where the count is known."""
+        out = [and_(Series.queried_instances.is_not(None), compare(Series.instance_count, Series.queried_instances))]
         if self.use_counts:
-            counts.append(
+            out.append(
                 and_(
                     Series.count_known,
                     Series.expected_instances.is_not(None),
-                    Series.instance_count >= Series.expected_instances,
+                    compare(Series.instance_count, Series.expected_instances),
                 )
             )
-        reached = (Series.state == RECEIVING, or_(*counts))
+        return out
+
+    def _complete_counted(self, now: datetime) -> None:
+        """Exactly the announced number: more (a late instance, a wrong count) leaves the series
+        to the quiet rule, so late instances are not cut into one revision each."""
+        reached = (Series.state == RECEIVING, or_(*self._counts(lambda n, c: n == c)))
         with Session(self._read_engine) as s:
             if s.execute(select(Series.id).where(*reached).limit(1)).first() is None:
                 return
@@ -205,10 +211,8 @@ class CompletionMonitor:
         announced = [
             Series.study_pk.in_(_pending_mpps_studies()),
             Series.series_instance_uid.in_(_pending_mpps_series()),
-            Series.queried_instances.is_not(None),
+            *self._counts(lambda n, c: n < c),  # a count not reached yet
         ]
-        if self.use_counts:
-            announced.append(and_(Series.count_known, Series.expected_instances.is_not(None)))
         with Session(self.engine) as s:
             s.execute(
                 update(Series)

@@ -43,6 +43,14 @@ def test_images_in_acquisition_completes_the_series_and_holds_a_paused_one(db_ur
     (ev,) = monitor.poll()  # now: no quiet period has passed
     assert (ev.reason, ev.instance_count) == ("count", 3)
     assert _series(ingest.engine)[series] == ("complete", "count")
+    # Late instances past the count open revision 2, which waits for the quiet period (one
+    # revision for all of them, not one each).
+    for i in (3, 4):
+        assert _receive(ingest, _counted(study, series, i, 3)).revision == 2
+    assert monitor.poll() == []
+    assert _series(ingest.engine)[series] == ("receiving", None)
+    (ev2,) = monitor.poll(datetime.now(UTC) + timedelta(seconds=61))
+    assert (ev2.revision, ev2.reason, ev2.instance_count) == (2, "quiet", 2)
 
 
 def test_counts_only_when_every_instance_agrees(db_url: str, make_settings: Any) -> None:
