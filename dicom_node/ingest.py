@@ -103,6 +103,8 @@ _TOUCH_SERIES = (
             false(),
         ),
     )
+    # What the completion monitor counts with: Outcome.count_reached wakes it (dicom_node/scp.py).
+    .returning(SERIES.c.instance_count, SERIES.c.expected_instances, SERIES.c.count_known, SERIES.c.queried_instances)
 )
 _TOUCH_STUDY = (
     update(STUDIES)
@@ -214,6 +216,7 @@ class Outcome:
     index_s: float = 0.0
     study_instance_uid: str = ""
     series_instance_uid: str = ""
+    count_reached: bool = False  # the series now holds exactly its announced number of instances
 
 
 def clean_text(value: Any, limit: int = 10_000) -> str | None:
@@ -781,7 +784,7 @@ class Ingest:
                     .where(STUDIES.c.id == existing.study_pk)
                     .values(instance_count=STUDIES.c.instance_count - 1)
                 )
-        conn.execute(
+        counts = conn.execute(
             _TOUCH_SERIES,
             {
                 "p_series": series_pk,
@@ -790,12 +793,16 @@ class Ingest:
                 "p_expected": tags.images_in_acquisition,
                 "p_acq": tags.acquisition_number,
             },
+        ).one()
+        reached = counts.instance_count in (
+            counts.expected_instances if counts.count_known else None,
+            counts.queried_instances,
         )
         conn.execute(
             _TOUCH_STUDY,
             {"p_study": study_pk, "p_rev": revision, "p_now": now, "p_inc": 1 if added_to_study else 0},
         )
-        return Outcome(SUCCESS, instance_pk, action, revision, size, sha), None
+        return Outcome(SUCCESS, instance_pk, action, revision, size, sha, count_reached=reached), None
 
     def _duplicate_event(
         self,

@@ -214,7 +214,8 @@ class Listener:
     ) -> None:
         self.settings = settings
         self.ingest = ingest
-        # Both tell the completion monitor (when it runs in this process) to look now.
+        # These tell the completion monitor (when it runs in this process) to look now.
+        self.wake_completion = wake_completion
         self.mpps = MppsStore(ingest.engine, on_final=wake_completion)
         sources = settings.completion.count_sources
         self.counts = (
@@ -570,6 +571,8 @@ class Listener:
                 sop_class_uid=str(request.AffectedSOPClassUID or ""),
             )
             return _status(PROCESSING_FAILURE, "Processing failure: instance not stored")
+        if outcome.count_reached and self.wake_completion is not None:
+            self.wake_completion()
         if self.counts is not None and outcome.action == "stored":
             self.counts.seen(peer.calling_ae, outcome.study_instance_uid, outcome.series_instance_uid)
         if stats is not None:

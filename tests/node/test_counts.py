@@ -33,13 +33,12 @@ def test_images_in_acquisition_completes_the_series_and_holds_a_paused_one(db_ur
     settings, ingest = _setup(make_settings, db_url, announced_wait_seconds=600)
     monitor = CompletionMonitor(ingest.engine, settings)
     study, series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
-    for i in range(2):
-        _receive(ingest, _counted(study, series, i, 3))
+    assert [_receive(ingest, _counted(study, series, i, 3)).count_reached for i in range(2)] == [False, False]
     t0 = datetime.now(UTC)
     # The sender pauses longer than both quiet periods (30 s / 60 s) with 2 of 3 sent: held.
     assert monitor.poll(t0 + timedelta(seconds=300)) == []
     assert _series(ingest.engine)[series] == ("receiving", None)
-    _receive(ingest, _counted(study, series, 2, 3))
+    assert _receive(ingest, _counted(study, series, 2, 3)).count_reached  # the listener wakes the monitor
     (ev,) = monitor.poll()  # now: no quiet period has passed
     assert (ev.reason, ev.instance_count) == ("count", 3)
     assert _series(ingest.engine)[series] == ("complete", "count")
