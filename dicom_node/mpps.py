@@ -180,7 +180,7 @@ class MppsStore:
             if "ScheduledStepAttributesSequence" in ds:
                 values["study_instance_uid"] = _study_uid(ds)
             conn.execute(update(STEPS).where(STEPS.c.id == row.id).values(**values))
-            if refs is not None:  # N-SET replaces the whole sequence (PS3.4 F.7.2.2.1)
+            if refs is not None:  # an N-SET value replaces the whole sequence (PS3.4 F.7.2.2)
                 conn.execute(delete(REFS).where(REFS.c.mpps_pk == row.id))
                 self._write_refs(conn, row.id, refs)
         new_state = state or row.state
