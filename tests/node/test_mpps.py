@@ -4,12 +4,14 @@ as the MPPS SCU, and its failure statuses."""
 from __future__ import annotations
 
 import io
+import logging
 import re
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pydicom
+import pytest
 from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import ModalityPerformedProcedureStep
@@ -208,7 +210,10 @@ def test_in_progress_step_held_only_until_announced_wait(db_url: str, make_setti
         assert s.exec(select(Mpps.applied_at)).one() is not None
 
 
-def test_bad_mpps_gets_the_standard_status(db_url: str, make_settings: Any, start_node: Any) -> None:
+def test_bad_mpps_gets_the_standard_status(
+    db_url: str, make_settings: Any, start_node: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
     node = start_node(
         make_settings(db_url, node={"allowed_calling_aets": ["MODALITY"]}, completion=SLOW), completion=False
     )
@@ -220,11 +225,16 @@ def test_bad_mpps_gets_the_standard_status(db_url: str, make_settings: Any, star
         assert _n_set(assoc, _final_ds("COMPLETED", {}), pydicom.uid.generate_uid()) == 0x0112
         # N-CREATE in a state other than IN PROGRESS: 0x0106 Invalid Attribute Value.
         assert _n_create(assoc, _create_ds(study, "COMPLETED"), pydicom.uid.generate_uid()) == 0x0106
+        # Without Performed Procedure Step Status (Type 1): 0x0120 Missing Attribute.
+        no_state = _create_ds(study)
+        del no_state.PerformedProcedureStepStatus
+        assert _n_create(assoc, no_state, pydicom.uid.generate_uid()) == 0x0120
         assert _n_create(assoc, _create_ds(study), uid) == 0x0000
         # N-CREATE of an existing instance: 0x0111 Duplicate SOP Instance.
         assert _n_create(assoc, _create_ds(study), uid) == 0x0111
-        # An unknown status value: 0x0106.
+        # An unknown status value, a malformed referenced UID: 0x0106.
         assert _n_set(assoc, _final_ds("FINISHED", {}), uid) == 0x0106
+        assert _n_set(assoc, _final_ds("COMPLETED", {pydicom.uid.generate_uid(): ["1.2.x"]}), uid) == 0x0106
         assert _n_set(assoc, _final_ds("COMPLETED", {}), uid) == 0x0000
         # N-SET after COMPLETED: 0x0110, "Performed Procedure Step Object may no longer be updated".
         assert _n_set(assoc, _final_ds("DISCONTINUED", {}), uid) == 0x0110
@@ -235,12 +245,16 @@ def test_bad_mpps_gets_the_standard_status(db_url: str, make_settings: Any, star
         assert [(r.reason, r.status) for r in rows] == [
             ("mpps_no_such_instance", 0x0112),
             ("mpps_create_not_in_progress", 0x0106),
+            ("mpps_missing_status", 0x0120),
             ("mpps_duplicate", 0x0111),
             ("mpps_bad_status", 0x0106),
+            ("mpps_bad_uid", 0x0106),
             ("mpps_final", 0x0110),
         ]
         assert all(r.calling_ae == "MODALITY" and r.detail for r in rows)
         assert s.exec(select(Mpps.state)).all() == ["COMPLETED"]
+    assert "mpps refused" in caplog.text
+    assert "Test^Patient" not in caplog.text and "PAT-1" not in caplog.text  # no patient data in logs
     # The calling-AE allow-list applies to MPPS as to C-STORE: the association is rejected.
     other = _mpps_assoc(node.port, calling="STRANGER")
     assert other.is_rejected
