@@ -28,7 +28,6 @@ def upgrade() -> None:
         batch.add_column(sa.Column("count_known", sa.Boolean(), nullable=False, server_default=sa.false()))
     with op.batch_alter_table("series") as batch:
         batch.alter_column("count_known", server_default=None)
-    op.execute("UPDATE series SET completion_reason = 'quiet' WHERE state = 'complete'")
     op.create_table(
         "mpps",
         sa.Column("id", sa.Integer(), primary_key=True),
