@@ -146,6 +146,8 @@ def study_detail(engine: Engine, study_id: int) -> dict[str, Any] | None:
                 "series_description": x.series_description,
                 "instance_count": x.instance_count,
                 "state": x.state,
+                "completion_reason": x.completion_reason,
+                "expected_instances": x.expected_instances if x.count_known else None,
                 "last_received_at": _iso(x.last_received_at),
                 "completed_at": _iso(x.completed_at),
             }

@@ -1,9 +1,21 @@
-"""Study completion: decide from DB timestamps when a study (revision) has stopped arriving.
+"""Study completion: decide from the DB when a study (revision) has stopped arriving.
 
-- A series is complete when no instance arrived for `series_quiet_seconds`.
-- A study revision completes ("quiet") when no instance arrived for `study_quiet_seconds` and
-  every series it touched is complete, or ("force") `force_complete_seconds` after its first
-  instance even if instances keep trickling in.
+Known completion first, timers as the fall-back:
+- ("mpps") a Modality Performed Procedure Step reported COMPLETED or DISCONTINUED (PS3.4 Annex F,
+  dicom_node/mpps.py) completes the series it lists as soon as every instance it lists has
+  arrived (at once, or when the last one lands);
+- ("count") a series whose every instance carries the same ImagesInAcquisition (0020,1002,
+  PS3.3 C.7.6.1) and AcquisitionNumber completes when that many instances have arrived, as does
+  one whose sending PACS answered our C-FIND with its Number of Series Related Instances
+  (dicom_node/count_query.py, opt-in per calling AE);
+- ("quiet") otherwise a series is complete when no instance arrived for `series_quiet_seconds`.
+  A series that announced a count it has not reached, and every series of a study with an
+  MPPS still IN PROGRESS (or COMPLETED with instances missing), is held back from the quiet
+  rule until `announced_wait_seconds` after its last instance.
+- A study revision completes early (reason mpps/count) once every series it touched completed
+  by mpps or count and no MPPS of the study is pending; else ("quiet") when no instance arrived
+  for `study_quiet_seconds` and every series it touched is complete (and nothing holds it), or
+  ("force") `force_complete_seconds` after its first instance even if instances keep trickling in.
 - An instance arriving after completion opens revision n+1 (dicom_node.ingest), never merging
   silently into work already dispatched.
 
@@ -19,8 +31,9 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import and_, exists, or_, select, update
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
@@ -28,10 +41,15 @@ from dicom_node.config import Settings
 from dicom_node.logs import kv
 from dicom_node.models import (
     COMPLETE,
+    MPPS_FINAL,
+    REASON_COUNT,
     REASON_FORCE,
+    REASON_MPPS,
     REASON_QUIET,
     RECEIVING,
     Instance,
+    Mpps,
+    MppsReference,
     Series,
     Study,
     StudyRevision,
@@ -46,7 +64,7 @@ class StudyCompleted:
     study_pk: int
     study_instance_uid: str
     revision: int
-    reason: str  # quiet | force
+    reason: str  # quiet | force | mpps | count
     first_received_at: datetime
     last_received_at: datetime
     completed_at: datetime
@@ -61,6 +79,26 @@ class StudyCompleted:
 
 Subscriber = Callable[[StudyCompleted], None]
 
+EARLY = (REASON_MPPS, REASON_COUNT)
+
+
+def _pending_mpps_studies() -> Any:
+    """Study ids with an MPPS not yet applied: IN PROGRESS, or final with instances missing."""
+    return (
+        select(Study.id)
+        .join(Mpps, Mpps.study_instance_uid == Study.study_instance_uid)
+        .where(Mpps.applied_at.is_(None))
+    )
+
+
+def _pending_mpps_series() -> Any:
+    """Series UIDs listed by an MPPS not yet applied (its study may be named differently)."""
+    return (
+        select(MppsReference.series_instance_uid)
+        .join(Mpps, Mpps.id == MppsReference.mpps_pk)
+        .where(Mpps.applied_at.is_(None))
+    )
+
 
 class CompletionMonitor:
     def __init__(self, engine: Engine, settings: Settings) -> None:
@@ -70,6 +108,8 @@ class CompletionMonitor:
         self.study_quiet = timedelta(seconds=c.study_quiet_seconds)
         self.series_quiet = timedelta(seconds=c.series_quiet_seconds)
         self.force = timedelta(seconds=c.force_complete_seconds)
+        self.announced_wait = timedelta(seconds=c.announced_wait_seconds)
+        self.use_counts = c.images_in_acquisition
         self.interval = c.check_interval_seconds
         self._subscribers: list[Subscriber] = []
         self._loop = Periodic("completion-monitor", self.poll, lambda: self.interval, log)
@@ -84,27 +124,121 @@ class CompletionMonitor:
     def poll(self, now: datetime | None = None) -> list[StudyCompleted]:
         """Complete what is due at `now`, deliver undelivered completions; returns those delivered."""
         now = now or datetime.now(UTC)
+        self._apply_mpps(now)
+        self._complete_counted(now)
         self._complete_series(now)
         for rev_id in self._due_revisions(now):
             self._complete_revision(rev_id, now)
         return self._deliver()
 
+    def wake(self) -> None:
+        """Run the next round now (an MPPS was completed, a count reached): no wait for the interval."""
+        self._loop.wake()
+
+    def _apply_mpps(self, now: datetime) -> None:
+        """Complete the series of each COMPLETED/DISCONTINUED MPPS whose listed instances have all
+        arrived, and mark it applied (instances arriving later open a revision as usual).
+
+        A step not updated for max(force_complete_seconds, announced_wait_seconds) (never ended,
+        or listing instances that never came) is given up: marked applied without completing
+        anything, so it stops holding its study. A later N-SET makes it pending again.
+        Reads first, writes only when there is something to write (SQLite has one writer)."""
+        give_up = now - max(self.force, self.announced_wait)
+        with Session(self._read_engine) as s:
+            pending = s.execute(
+                select(Mpps.id, Mpps.state, Mpps.updated_at).where(Mpps.applied_at.is_(None)).order_by(Mpps.id)
+            ).all()
+            stale = [p.id for p in pending if p.updated_at <= give_up]
+            whole = [
+                p.id
+                for p in pending
+                if p.state in MPPS_FINAL
+                and p.id not in stale
+                and not s.execute(
+                    select(
+                        exists().where(
+                            MppsReference.mpps_pk == p.id,
+                            ~exists().where(Instance.sop_instance_uid == MppsReference.sop_instance_uid),
+                        )
+                    )
+                ).scalar()
+            ]
+        if stale:
+            with Session(self.engine) as s:
+                s.execute(update(Mpps).where(Mpps.id.in_(stale), Mpps.applied_at.is_(None)).values(applied_at=now))
+                s.commit()
+            log.warning("mpps given up", extra=kv(steps=len(stale)))
+        for mpps_pk in whole:
+            with Session(self.engine) as s:
+                listed = select(MppsReference.series_instance_uid).where(MppsReference.mpps_pk == mpps_pk)
+                done = s.execute(
+                    update(Series)
+                    .where(Series.series_instance_uid.in_(listed), Series.state == RECEIVING)
+                    .values(state=COMPLETE, completed_at=now, completion_reason=REASON_MPPS)
+                ).rowcount
+                # Only if no N-SET made it pending again meanwhile (then the next round decides).
+                s.execute(update(Mpps).where(Mpps.id == mpps_pk, Mpps.applied_at.is_(None)).values(applied_at=now))
+                s.commit()
+            log.info("mpps applied", extra=kv(mpps=mpps_pk, series_completed=done))
+
+    def _counts(self, compare: Any) -> list[Any]:
+        """Per count source, `compare(instance_count, announced count)` where the count is known."""
+        out = [and_(Series.queried_instances.is_not(None), compare(Series.instance_count, Series.queried_instances))]
+        if self.use_counts:
+            out.append(
+                and_(
+                    Series.count_known,
+                    Series.expected_instances.is_not(None),
+                    compare(Series.instance_count, Series.expected_instances),
+                )
+            )
+        return out
+
+    def _complete_counted(self, now: datetime) -> None:
+        """Exactly the announced number: more (a late instance, a wrong count) leaves the series
+        to the quiet rule, so late instances are not cut into one revision each."""
+        reached = (Series.state == RECEIVING, or_(*self._counts(lambda n, c: n == c)))
+        with Session(self._read_engine) as s:
+            if s.execute(select(Series.id).where(*reached).limit(1)).first() is None:
+                return
+        with Session(self.engine) as s:
+            s.execute(
+                update(Series).where(*reached).values(state=COMPLETE, completed_at=now, completion_reason=REASON_COUNT)
+            )
+            s.commit()
+
     def _complete_series(self, now: datetime) -> None:
+        announced = [
+            Series.study_pk.in_(_pending_mpps_studies()),
+            Series.series_instance_uid.in_(_pending_mpps_series()),
+            *self._counts(lambda n, c: n < c),  # a count not reached yet
+        ]
         with Session(self.engine) as s:
             s.execute(
                 update(Series)
-                .where(Series.state == RECEIVING, Series.last_received_at <= now - self.series_quiet)
-                .values(state=COMPLETE, completed_at=now)
+                .where(
+                    Series.state == RECEIVING,
+                    Series.last_received_at <= now - self.series_quiet,
+                    or_(~or_(*announced), Series.last_received_at <= now - self.announced_wait),
+                )
+                .values(state=COMPLETE, completed_at=now, completion_reason=REASON_QUIET)
             )
             s.commit()
 
     def _due_revisions(self, now: datetime) -> list[int]:
+        early = exists().where(
+            Series.study_pk == StudyRevision.study_pk,
+            Series.state == COMPLETE,
+            Series.completion_reason.in_(EARLY),
+            Series.completed_at >= StudyRevision.first_received_at,
+        )
         with Session(self._read_engine) as s:
             rows = s.execute(
                 select(StudyRevision.id).where(
                     StudyRevision.state == RECEIVING,
                     (StudyRevision.last_received_at <= now - self.study_quiet)
-                    | (StudyRevision.first_received_at <= now - self.force),
+                    | (StudyRevision.first_received_at <= now - self.force)
+                    | early,
                 )
             ).all()
         return [r.id for r in rows]
@@ -119,24 +253,27 @@ class CompletionMonitor:
                 return
             forced = rev.first_received_at <= now - self.force
             quiet = rev.last_received_at <= now - self.study_quiet
-            series_open = s.execute(
-                select(Series.id)
+            touched = s.execute(
+                select(Series.state, Series.completion_reason)
                 .join(Instance, Instance.series_pk == Series.id)
-                .where(
-                    Instance.study_pk == rev.study_pk,
-                    Instance.revision == rev.revision,
-                    Series.state == RECEIVING,
-                )
-                .limit(1)
-            ).first()
+                .where(Instance.study_pk == rev.study_pk, Instance.revision == rev.revision)
+                .distinct()
+            ).all()
+            all_complete = all(t.state == COMPLETE for t in touched)
+            reasons = {t.completion_reason for t in touched}
+            held = rev.last_received_at > now - self.announced_wait and rev.study_pk in set(
+                s.execute(_pending_mpps_studies()).scalars()
+            )
             if forced:
                 reason = REASON_FORCE
                 s.execute(
                     update(Series)
                     .where(Series.study_pk == rev.study_pk, Series.state == RECEIVING)
-                    .values(state=COMPLETE, completed_at=now)
+                    .values(state=COMPLETE, completed_at=now, completion_reason=REASON_FORCE)
                 )
-            elif quiet and series_open is None:
+            elif touched and all_complete and not held and reasons <= set(EARLY):
+                reason = REASON_MPPS if REASON_MPPS in reasons else REASON_COUNT
+            elif quiet and all_complete and not held:
                 reason = REASON_QUIET
             else:
                 return

@@ -140,11 +140,36 @@ class ModelSettings(_Section):
     cache_dir: str = "var/cache"
 
 
+class CountSourceSettings(_Section):
+    """A PACS that forwards studies to us and answers C-FIND for how many instances a series has."""
+
+    calling_ae: str  # studies arriving from this calling AE title are counted by asking ...
+    ae_title: str  # ... this C-FIND SCP (usually the same PACS)
+    host: str
+    port: int = Field(104, ge=1, le=65535)
+    timeout_seconds: float = Field(5.0, gt=0)
+
+    @model_validator(mode="after")
+    def _titles(self) -> CountSourceSettings:
+        _valid_ae_title(self.calling_ae)
+        _valid_ae_title(self.ae_title)
+        return self
+
+
 class CompletionSettings(_Section):
     study_quiet_seconds: float = Field(60.0, gt=0)
     series_quiet_seconds: float = Field(30.0, gt=0)
     force_complete_seconds: float = Field(3600.0, gt=0)
     check_interval_seconds: float = Field(0.25, gt=0)
+    # Accept Modality Performed Procedure Step N-CREATE/N-SET (dicom_node/mpps.py) on the listener.
+    mpps: bool = True
+    # Complete a series once it holds as many instances as each of them says in ImagesInAcquisition.
+    images_in_acquisition: bool = True
+    # How long after its last instance an announced series (count not reached, MPPS IN PROGRESS or
+    # missing instances) is held back from the quiet rule; force_complete_seconds still applies.
+    announced_wait_seconds: float = Field(600.0, gt=0)
+    # Opt-in per calling AE: ask the sending PACS (C-FIND, SERIES level) for NumberOfSeriesRelatedInstances.
+    count_sources: list[CountSourceSettings] = []
 
 
 class ExportSettings(_Section):

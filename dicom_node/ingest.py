@@ -25,7 +25,7 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom.tag import Tag
-from sqlalchemy import Integer, and_, bindparam, func, insert, select, update
+from sqlalchemy import BigInteger, Integer, and_, bindparam, false, func, insert, select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlmodel import Session, UTCDateTime
@@ -90,9 +90,21 @@ _TOUCH_SERIES = (
     .values(
         state=RECEIVING,
         completed_at=None,
+        completion_reason=None,
         last_received_at=bindparam("p_now", type_=_TS),
         instance_count=SERIES.c.instance_count + bindparam("p_inc", type_=Integer()),
+        # The count stays known only while every instance announces the same one (dicom_node/completion.py).
+        count_known=func.coalesce(
+            and_(
+                SERIES.c.count_known,
+                SERIES.c.expected_instances == bindparam("p_expected", type_=Integer()),
+                SERIES.c.count_acquisition.is_not_distinct_from(bindparam("p_acq", type_=BigInteger())),
+            ),
+            false(),
+        ),
     )
+    # What the completion monitor counts with: Outcome.count_reached wakes it (dicom_node/scp.py).
+    .returning(SERIES.c.instance_count, SERIES.c.expected_instances, SERIES.c.count_known, SERIES.c.queried_instances)
 )
 _TOUCH_STUDY = (
     update(STUDIES)
@@ -140,6 +152,8 @@ _TAGS = [
     "SamplesPerPixel",
     "BitsAllocated",
     "NumberOfFrames",
+    "ImagesInAcquisition",
+    "AcquisitionNumber",
 ]
 _SPECIFIC = [Tag(k) for k in _TAGS]
 
@@ -183,6 +197,8 @@ class Tags:
     samples_per_pixel: int | None = None
     bits_allocated: int | None = None
     number_of_frames: int | None = None
+    images_in_acquisition: int | None = None  # (0020,1002), PS3.3 C.7.6.1; only values >= 1
+    acquisition_number: int | None = None
 
 
 @dataclass(frozen=True)
@@ -198,6 +214,9 @@ class Outcome:
     write_s: float = 0.0
     fsync_s: float = 0.0
     index_s: float = 0.0
+    study_instance_uid: str = ""
+    series_instance_uid: str = ""
+    count_reached: bool = False  # the series now holds exactly its announced number of instances
 
 
 def clean_text(value: Any, limit: int = 10_000) -> str | None:
@@ -286,7 +305,20 @@ def parse_tags(preamble_and_meta: bytes, dataset: bytes) -> Tags:
         samples_per_pixel=_int(ds.get("SamplesPerPixel")) if "SamplesPerPixel" in present else None,
         bits_allocated=_int(ds.get("BitsAllocated")) if "BitsAllocated" in present else None,
         number_of_frames=_int(ds.get("NumberOfFrames")) if "NumberOfFrames" in present else None,
+        images_in_acquisition=_count(ds, present),
+        acquisition_number=_int(ds.get("AcquisitionNumber")) if "AcquisitionNumber" in present else None,
     )
+
+
+def _count(ds: Any, present: set[str]) -> int | None:
+    """ImagesInAcquisition (0020,1002) when it is a positive integer, else None. Not for a
+    multi-frame instance: there it may count frames, not instances."""
+    if "ImagesInAcquisition" not in present:
+        return None
+    if "NumberOfFrames" in present and (_int(ds.get("NumberOfFrames")) or 1) > 1:
+        return None
+    n = _int(ds.get("ImagesInAcquisition"))
+    return n if n is not None and n >= 1 else None
 
 
 def check_encoding(dataset: bytes, transfer_syntax_uid: str) -> Walked | None:
@@ -457,6 +489,9 @@ class Ingest:
             # a separate look-up first would cost every new instance an extra round trip.
             t_index = time.perf_counter()
             outcome, drop_relpath = self._index(tags, relpath, sha, size, transfer_syntax_uid, peer, pending)
+            outcome = replace(
+                outcome, study_instance_uid=tags.study_instance_uid, series_instance_uid=tags.series_instance_uid
+            )
             if pending.done() and pending.exception() is None:
                 stored = pending.result()
                 outcome = replace(
@@ -696,6 +731,9 @@ class Ingest:
                 "first_received_at": now,
                 "last_received_at": now,
                 "instance_count": 0,
+                "expected_instances": tags.images_in_acquisition,
+                "count_acquisition": tags.acquisition_number,
+                "count_known": tags.images_in_acquisition is not None,
             },
         )
         values: dict[str, Any] = {
@@ -746,12 +784,25 @@ class Ingest:
                     .where(STUDIES.c.id == existing.study_pk)
                     .values(instance_count=STUDIES.c.instance_count - 1)
                 )
-        conn.execute(_TOUCH_SERIES, {"p_series": series_pk, "p_now": now, "p_inc": 1 if added_to_series else 0})
+        counts = conn.execute(
+            _TOUCH_SERIES,
+            {
+                "p_series": series_pk,
+                "p_now": now,
+                "p_inc": 1 if added_to_series else 0,
+                "p_expected": tags.images_in_acquisition,
+                "p_acq": tags.acquisition_number,
+            },
+        ).one()
+        reached = counts.instance_count in (
+            counts.expected_instances if counts.count_known else None,
+            counts.queried_instances,
+        )
         conn.execute(
             _TOUCH_STUDY,
             {"p_study": study_pk, "p_rev": revision, "p_now": now, "p_inc": 1 if added_to_study else 0},
         )
-        return Outcome(SUCCESS, instance_pk, action, revision, size, sha), None
+        return Outcome(SUCCESS, instance_pk, action, revision, size, sha, count_reached=reached), None
 
     def _duplicate_event(
         self,

@@ -66,6 +66,11 @@ class IndexCollector(Collector):
             revisions = s.execute(
                 select(StudyRevision.state, func.count(StudyRevision.id)).group_by(StudyRevision.state)
             ).all()
+            reasons = s.execute(
+                select(StudyRevision.reason, func.count(StudyRevision.id))
+                .where(StudyRevision.state == COMPLETE)
+                .group_by(StudyRevision.reason)
+            ).all()
         yield CounterMetricFamily(
             "unimedvl_instances_received", "Instances stored and indexed (distinct SOP Instance UIDs)", value=n_inst
         )
@@ -90,6 +95,14 @@ class IndexCollector(Collector):
         for state in (RECEIVING, COMPLETE):
             studies.add_metric([state], counts.get(state, 0))
         yield studies
+        why = CounterMetricFamily(
+            "unimedvl_study_completions",
+            "Completed study revisions by reason (mpps, count, quiet, force)",
+            labels=["reason"],
+        )
+        for reason, n in reasons:
+            why.add_metric([reason or "unknown"], n)
+        yield why
         if self.active_associations is not None:
             yield GaugeMetricFamily(
                 "unimedvl_active_associations", "Established DICOM associations", value=self.active_associations()

@@ -14,8 +14,17 @@ from sqlmodel import Field, SQLModel
 
 RECEIVING = "receiving"
 COMPLETE = "complete"
-REASON_QUIET = "quiet"
-REASON_FORCE = "force"
+# Why a series or a study revision completed (dicom_node/completion.py).
+REASON_QUIET = "quiet"  # no instance for the quiet period
+REASON_FORCE = "force"  # force_complete_seconds after the first instance
+REASON_MPPS = "mpps"  # a COMPLETED/DISCONTINUED MPPS listed it and every listed instance arrived
+REASON_COUNT = "count"  # as many instances as every instance's ImagesInAcquisition said
+
+# Mpps.state: Performed Procedure Step Status (0040,0252), PS3.3 C.4.14
+MPPS_IN_PROGRESS = "IN PROGRESS"
+MPPS_COMPLETED = "COMPLETED"
+MPPS_DISCONTINUED = "DISCONTINUED"
+MPPS_FINAL = (MPPS_COMPLETED, MPPS_DISCONTINUED)
 
 # DuplicateEvent.action
 KEPT_FIRST = "kept_first"  # the stored instance stays; the new bytes are kept aside (received_relpath)
@@ -60,7 +69,7 @@ class StudyRevision(SQLModel, table=True):
     first_received_at: datetime
     last_received_at: datetime
     completed_at: datetime | None = None
-    reason: str | None = Field(default=None, max_length=16)  # quiet | force
+    reason: str | None = Field(default=None, max_length=16)  # quiet | force | mpps | count
     # Set once every completion subscriber has run: unset ones are re-delivered after a restart.
     notified_at: datetime | None = None
     instance_count: int = 0
@@ -81,6 +90,15 @@ class Series(SQLModel, table=True):
     last_received_at: datetime
     completed_at: datetime | None = None
     instance_count: int = 0
+    completion_reason: str | None = Field(default=None, max_length=16)  # quiet | force | mpps | count
+    # ImagesInAcquisition of the series' instances while all of them carried the same value and
+    # the same AcquisitionNumber (a series of two acquisitions is not counted); count_known turns
+    # false for good once one instance lacks it or differs (dicom_node/ingest.py).
+    expected_instances: int | None = None
+    count_acquisition: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    count_known: bool = False
+    # NumberOfSeriesRelatedInstances the sending PACS answered to our C-FIND (completion.count_sources).
+    queried_instances: int | None = None
 
 
 class Instance(SQLModel, table=True):
@@ -138,3 +156,38 @@ class Rejection(SQLModel, table=True):
     called_ae: str | None = Field(default=None, max_length=16)
     remote_ip: str | None = Field(default=None, max_length=64)
     sop_class_uid: str | None = Field(default=None, max_length=64)
+
+
+class Mpps(SQLModel, table=True):
+    """A Modality Performed Procedure Step instance we manage (PS3.4 Annex F), created by N-CREATE
+    and updated by N-SET until COMPLETED or DISCONTINUED."""
+
+    __table_args__ = (
+        Index("ix_mpps_study_instance_uid", "study_instance_uid"),
+        Index("ix_mpps_applied_at", "applied_at"),  # the monitor's rounds look for the pending (NULL) ones
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    sop_instance_uid: str = Field(max_length=64, unique=True)
+    state: str = Field(max_length=16)  # IN PROGRESS | COMPLETED | DISCONTINUED
+    # First StudyInstanceUID of the Scheduled Step Attributes Sequence (0040,0270).
+    study_instance_uid: str | None = Field(default=None, max_length=64)
+    calling_ae: str = Field(max_length=16)
+    remote_ip: str = Field(max_length=64)
+    created_at: datetime
+    updated_at: datetime
+    # When the completion monitor found every referenced instance and completed their series.
+    applied_at: datetime | None = None
+
+
+class MppsReference(SQLModel, table=True):
+    """One instance a performed procedure step lists (Performed Series Sequence ->
+    Referenced Image / Non-Image Composite SOP Instance Sequence)."""
+
+    __tablename__ = "mpps_reference"
+    __table_args__ = (UniqueConstraint("mpps_pk", "sop_instance_uid", name="uq_mpps_reference"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    mpps_pk: int = Field(foreign_key="mpps.id", index=True)
+    series_instance_uid: str = Field(max_length=64)
+    sop_instance_uid: str = Field(max_length=64, index=True)

@@ -90,7 +90,8 @@ class Node:
         reconcile(ingest)
         n = self.settings.node.listeners
         if n == 1:
-            self.listener = Listener(self.settings, ingest)
+            wake = self.monitor.wake if self.monitor is not None else None
+            self.listener = Listener(self.settings, ingest, wake_completion=wake)
             self.listener.start()
         else:
             for slot in range(n):

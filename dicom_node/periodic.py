@@ -15,6 +15,7 @@ class Periodic:
         self.interval = interval  # read each round, so settings changed in tests take effect
         self.log = log
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -22,8 +23,13 @@ class Periodic:
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self._thread.start()
 
+    def wake(self) -> None:
+        """Start the next round now instead of at the end of the interval."""
+        self._wake.set()
+
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
@@ -34,4 +40,5 @@ class Periodic:
                 self.fn()
             except Exception:  # a failed round is logged; the next one runs anyway
                 self.log.exception("%s round failed", self.name)
-            self._stop.wait(self.interval())
+            self._wake.wait(self.interval())
+            self._wake.clear()

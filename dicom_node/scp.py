@@ -15,7 +15,10 @@ around it:
   client on the TLS port cannot stall the accept loop;
 - SO_REUSEPORT when several listener processes share one port;
 - refused presentation contexts recorded in the rejection log with calling AE and SOP class;
-- the C-STORE handler that hands the raw received bytes to `Ingest` (no decode/re-encode).
+- the C-STORE handler that hands the raw received bytes to `Ingest` (no decode/re-encode);
+- the Modality Performed Procedure Step SCP (N-CREATE / N-SET, PS3.4 Annex F) in
+  dicom_node/mpps.py, when `completion.mpps` is on, and the series count queries to a
+  sending PACS (dicom_node/count_query.py, `completion.count_sources`).
 """
 
 from __future__ import annotations
@@ -34,13 +37,14 @@ from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, DEFAULT_TRANSFER_SYNTAXES, _config, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import Verification, register_uid, uid_to_service_class
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.config import Settings
+from dicom_node.count_query import CountQueries
 from dicom_node.ingest import (
     MALFORMED_UID,
     MISSING_UID,
@@ -56,6 +60,7 @@ from dicom_node.ingest import (
     short_ae,
 )
 from dicom_node.logs import kv
+from dicom_node.mpps import MPPS_SOP_CLASS, MppsStore
 from dicom_node.sop_classes import storable, storage_keyword, storage_sop_classes
 from dicom_node.transport_guard import AssociateRequest, ConnectionGuard
 
@@ -205,9 +210,17 @@ class Listener:
         *,
         reuse_port: bool = False,
         active: ActiveAssociations | None = None,
+        wake_completion: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
         self.ingest = ingest
+        # These tell the completion monitor (when it runs in this process) to look now.
+        self.wake_completion = wake_completion
+        self.mpps = MppsStore(ingest.engine, on_final=wake_completion)
+        sources = settings.completion.count_sources
+        self.counts = (
+            CountQueries(ingest.engine, sources, settings.node.ae_title, on_count=wake_completion) if sources else None
+        )
         self.reuse_port = reuse_port
         self.active = active or ActiveAssociations()
         self.servers: list[GatewayServer] = []
@@ -246,12 +259,16 @@ class Listener:
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
         for uid in storage_sop_classes():
             ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
+        if self.settings.completion.mpps:
+            ae.add_supported_context(MPPS_SOP_CLASS, DEFAULT_TRANSFER_SYNTAXES)
         return ae
 
     def _evt_handlers(self) -> list[Any]:
         return [
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_N_CREATE, self._on_n_create),
+            (evt.EVT_N_SET, self._on_n_set),
             (evt.EVT_ESTABLISHED, self._on_established),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_CONN_CLOSE, self._on_close),
@@ -311,6 +328,8 @@ class Listener:
             assoc.abort()
         self.servers.clear()
         self.guard.stop()
+        if self.counts is not None:
+            self.counts.stop()
 
     # ------------------------------------------------------------------ events
 
@@ -491,6 +510,12 @@ class Listener:
     def _on_echo(self, event: Any) -> int:
         return 0x0000
 
+    def _on_n_create(self, event: Any) -> tuple[int, Dataset | None]:
+        return self.mpps.handle("N-CREATE", event, self._peer(event.assoc))
+
+    def _on_n_set(self, event: Any) -> tuple[int, Dataset | None]:
+        return self.mpps.handle("N-SET", event, self._peer(event.assoc))
+
     def _on_store(self, event: Any) -> int | Dataset:
         assoc = event.assoc
         stats = self._stats.get(id(assoc))
@@ -546,6 +571,10 @@ class Listener:
                 sop_class_uid=str(request.AffectedSOPClassUID or ""),
             )
             return _status(PROCESSING_FAILURE, "Processing failure: instance not stored")
+        if outcome.count_reached and self.wake_completion is not None:
+            self.wake_completion()
+        if self.counts is not None and outcome.action == "stored":
+            self.counts.seen(peer.calling_ae, outcome.study_instance_uid, outcome.series_instance_uid)
         if stats is not None:
             stats.stored += 1
             stats.bytes += outcome.size

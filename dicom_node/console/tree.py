@@ -20,8 +20,8 @@ def _t(value: str | None) -> str:
 
 
 def timeline_tree(data: dict[str, Any]) -> Tree:
-    """Study -> revisions (received, complete, planned) -> jobs (rule, state, attempts, reason)
-    -> deliveries per destination."""
+    """Study -> revisions (received, complete and why, each series' state and why, planned)
+    -> jobs (rule, state, attempts, reason) -> deliveries per destination."""
     root = Tree(f"[bold]study {escape(data['study_instance_uid'])}[/]")
     for rev in data.get("revisions", []):
         r = root.add(
@@ -30,6 +30,9 @@ def timeline_tree(data: dict[str, Any]) -> Tree:
         )
         if rev.get("completed_at"):
             r.add(f"complete {_t(rev['completed_at'])} ({escape(rev.get('completed_because') or '')})")
+        for x in rev.get("series", []):
+            why = f" ({escape(x['completed_because'])})" if x.get("completed_because") else ""
+            r.add(f"series {escape(x['series_instance_uid'])}: {escape(x['state'])}{why}")
         if rev.get("planned_at"):
             r.add(f"planned {_t(rev['planned_at'])}: {rev.get('tasks_planned') or 0} task(s)")
         if rev.get("unmatched_series"):

@@ -189,7 +189,7 @@ def study_plan(engine: Engine, study_instance_uid: str) -> list[dict[str, Any]]:
 def study_timeline(engine: Engine, study_instance_uid: str) -> dict[str, Any] | None:
     """Per revision: received -> complete -> planned -> jobs ran -> outputs -> delivered (for status/API)."""
     from dicom_node.export.models import OutboxRow
-    from dicom_node.models import Study, StudyRevision
+    from dicom_node.models import Instance, Series, Study, StudyRevision
 
     def t(v: Any) -> str | None:
         return v.isoformat() if v is not None else None
@@ -216,6 +216,17 @@ def study_timeline(engine: Engine, study_instance_uid: str) -> dict[str, Any] | 
                 outputs.setdefault(o.job_id, []).append(o)
             for r in s.exec(select(OutboxRow).where(col(OutboxRow.job_id).in_(job_ids))):
                 deliveries.setdefault(r.job_id or 0, []).append(r)
+        touched: dict[int, list[dict[str, Any]]] = {}
+        for rev_n, uid, state, reason in s.exec(
+            select(Instance.revision, Series.series_instance_uid, Series.state, Series.completion_reason)
+            .join(Series, col(Series.id) == col(Instance.series_pk))
+            .where(Instance.study_pk == study.id)
+            .distinct()
+            .order_by(col(Instance.revision), col(Series.series_instance_uid))
+        ):
+            touched.setdefault(rev_n, []).append(
+                {"series_instance_uid": uid, "state": state, "completed_because": reason}
+            )
         out = []
         for rev in revisions:
             plan = plans.get(rev.revision)
@@ -255,6 +266,8 @@ def study_timeline(engine: Engine, study_instance_uid: str) -> dict[str, Any] | 
                     "state": rev.state,
                     "completed_at": t(rev.completed_at),
                     "completed_because": rev.reason,
+                    # Each series' state now and why it completed (mpps | count | quiet | force).
+                    "series": touched.get(rev.revision, []),
                     "planned_at": t(plan.planned_at) if plan else None,
                     "tasks_planned": plan.tasks_planned if plan else None,
                     "unmatched_series": list(plan.unmatched_series) if plan else [],

@@ -69,6 +69,12 @@ def test_turnaround_breakdown_adds_up_to_the_total():
     assert fast.overhead_s == pytest.approx(2.4) and not fast.met
     missing = e2e.turnaround(_timeline(), 2.0, {7: 2.0, 8: 6.5}, in_orthanc=2, label="CT")
     assert not missing.met  # an output Orthanc does not hold never meets the target
+    # Completed by its count (or MPPS): it waited for no quiet period, so none is subtracted.
+    counted = _timeline()
+    counted["revisions"][0]["completed_because"] = "count"
+    c = e2e.turnaround(counted, 2.0, {7: 1.5, 8: 2.5}, in_orthanc=3, label="CT counted")
+    assert (c.quiet_s, c.completed_because) == (0.0, "count")
+    assert c.overhead_s == pytest.approx(9.4 - 4.0) and c.completion_lag_s == pytest.approx(2.3)
 
 
 def test_pipeline_seconds_follow_each_workers_claims():
@@ -152,12 +158,15 @@ def test_smoke_run_against_orthanc(tmp_path: Path):
     )  # fmt: skip
     fig = json.loads(out.read_text())
     assert code in (0, 2)  # 2 = an overhead above 2 s on a loaded machine; nothing lost either way
-    ct, cr = fig["turnaround"]
+    ct, cr, ct_counted, cr_counted = fig["turnaround"]
     assert ct["instances"] == 4 and cr["instances"] == 1
+    assert [t["completed_because"] for t in fig["turnaround"]] == ["quiet", "quiet", "count", "count"]
+    for t in (ct_counted, cr_counted):  # completed when the count was reached: no quiet period waited for
+        assert t["quiet_s"] == 0 and t["in_orthanc"] == t["outputs"]
     assert ct["jobs"] == ["report:done", "segment:done"] and cr["jobs"] == ["report:done", "vqa:done"]
     assert ct["in_orthanc"] == ct["outputs"] == 3  # SR, SEG, TID 1500 SR
     assert cr["in_orthanc"] == cr["outputs"] == 2
-    for t in (ct, cr):
+    for t in fig["turnaround"]:
         assert t["completion_lag_s"] >= -0.05  # never completed before the quiet period ran out
         assert t["compute_s"] > 0 and t["total_s"] > t["quiet_s"] + t["compute_s"]
         parts = sum(t[k] for k in ("quiet_s", "completion_lag_s", "planning_s", "pickup_s", "compute_s", "job_io_s"))
