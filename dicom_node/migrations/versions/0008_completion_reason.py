@@ -1,7 +1,7 @@
 """Completion without waiting: series completion reason, ImagesInAcquisition and C-FIND counts, MPPS tables.
 
-Revision ID: 0007_completion_reason
-Revises: 0006_console
+Revision ID: 0008_completion_reason
+Revises: 0007_batch_crashes
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0007_completion_reason"
-down_revision = "0006_console"
+revision = "0008_completion_reason"
+down_revision = "0007_batch_crashes"
 branch_labels = None
 depends_on = None
 
