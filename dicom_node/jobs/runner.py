@@ -6,6 +6,10 @@ and only if this worker still holds the job's claim. A worker killed before that
 leaves files no row references (nothing is delivered, nothing recorded); the re-run writes
 a fresh set and records it once. Unreferenced files are harmless and can be found by
 comparing storage/objects with the instance, outbox and job_output tables.
+
+Where sources come from and outputs go is a `JobIO`: `LocalIO` (the storage path shared with
+the node) or `dicom_node.jobs.remote.RemoteIO` (the node's HTTP API; the node then runs
+`commit_outputs`, the same transaction, in `dicom_node.jobs.uploads`).
 """
 
 from __future__ import annotations
