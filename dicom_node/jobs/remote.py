@@ -127,6 +127,7 @@ class RemoteIO:
 
     def load(self, engine: Engine, job: Job) -> list[Dataset]:
         rows = source_rows(engine, job)
+        started, before = time.perf_counter(), self.bytes_in
         by_sha: dict[str, bytes] = {}
         for series_uid in dict.fromkeys(r.series_uid for r in rows):
             wanted = {r.sha256 for r in rows if r.series_uid == series_uid}
@@ -140,6 +141,13 @@ class RemoteIO:
                 f"{len(missing)} of the job's {len(rows)} source instance(s) did not come from the node "
                 "with the sha256 the index recorded (changed or removed since the job was planned)"
             )
+        log.info(
+            "job %s: fetched %d instance(s), %d bytes over WADO-RS in %.3f s",
+            job.id,
+            len(rows),
+            self.bytes_in - before,
+            time.perf_counter() - started,
+        )
         return [read_dataset(by_sha[r.sha256]) for r in rows]
 
     # ------------------------------------------------------------------ outputs
@@ -165,6 +173,7 @@ class RemoteIO:
         files = [("object", (f"{i}.dcm", e.data, "application/dicom")) for i, e in enumerate(encoded)]
         data = {"claim_token": claim_.token, "result": json.dumps(result)}
         url = f"/api/jobs/{claim_.job.id}/outputs"
+        started = time.perf_counter()
         for attempt in range(1, UPLOAD_ATTEMPTS + 1):
             try:
                 r = self.client.post(url, data=data, files=files)
@@ -177,7 +186,15 @@ class RemoteIO:
                 time.sleep(min(2.0**attempt, 10.0))
                 continue
             if r.status_code == 200:
-                self.bytes_out += sum(len(e.data) for e in encoded)
+                sent = sum(len(e.data) for e in encoded)
+                self.bytes_out += sent
+                log.info(
+                    "job %s: uploaded %d output(s), %d bytes in %.3f s",
+                    claim_.job.id,
+                    len(encoded),
+                    sent,
+                    time.perf_counter() - started,
+                )
                 return len(r.json().get("outputs", []))
             if r.status_code == 409:
                 log.warning("job %s: the node refused the outputs: %s", claim_.job.id, _detail(r))
