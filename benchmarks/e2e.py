@@ -197,6 +197,18 @@ def moved_bytes(logs: list[str]) -> int:
     return sum(int(m.group(1)) for text in logs for m in MOVED.finditer(text))
 
 
+def _wait_ready(proc: Proc, timeout: float) -> None:
+    """Until the Celery worker logs "ready." (its queues are declared)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if " ready." in proc.text():
+            return
+        if not proc.alive():
+            raise PeerError(f"{proc.log.name} exited early:\n{proc.text()[-3000:]}")
+        time.sleep(0.2)
+    raise PeerError(f"{proc.log.name} was not ready within {timeout:.0f} s")
+
+
 def _wait_models(procs: list[Proc], n: int, timeout: float) -> None:
     """Until `n` "model loaded" lines appear across the logs (each worker's pool child warms up at start)."""
     deadline = time.monotonic() + timeout
@@ -262,6 +274,10 @@ class Gateway:
                 log = self.workdir / f"worker{i + 1}.log"
                 wcfg = ["--config", str(self._remote_config(i + 1, token))] if token else cfg
                 self.procs.append(Proc([*_exe(), "worker", *wcfg], log, self.workdir, env))
+                if i + 1 < extra:
+                    # One at a time: workers starting together on the embedded broker race to
+                    # create its queue rows (UNIQUE constraint failed: kombu_queue.name).
+                    _wait_ready(self.procs[-1], timeout)
             _wait_models(self.procs, self.workers, timeout)
             self._wait_api(timeout)
         except BaseException:
