@@ -141,9 +141,9 @@ def uploads_router(engine: Engine, storage: Callable[[], Storage], destinations:
             raise HTTPException(422, f"an output object cannot be queued for delivery: {exc}") from None
         if recorded is None:
             with Session(engine) as s:
-                now = s.get(Job, job_id)
+                latest = s.get(Job, job_id)
             log.warning("job %s: a remote worker's upload came after its claim moved on; not recorded", job_id)
-            raise _stale(now or job)
+            raise _stale(latest or job)
         log.info("job %s done: %d output object(s) uploaded by a remote worker", job_id, len(recorded))
         return {"job_id": job_id, "already_recorded": False, "outputs": [_output_dict(o) for o in recorded]}
 
