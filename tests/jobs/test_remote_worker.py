@@ -29,7 +29,7 @@ from dicom_node.export.models import OutboxRow
 from dicom_node.jobs import DONE, FAILED, RUNNING, Job, JobOutput, Planner
 from dicom_node.jobs.remote import RemoteIO, multipart_boundary
 from dicom_node.jobs.runner import Output, claim, source_rows
-from dicom_node.jobs.settings import as_utc, utcnow
+from dicom_node.jobs.settings import as_utc
 from dicom_node.routing import parse_rules
 from tests.conftest import REPO, free_port
 from tests.jobs.conftest import (
@@ -378,9 +378,25 @@ def test_remote_io_against_a_served_node(node_api: NodeAPI, tmp_path: Path) -> N
             == 1
         )
         assert remote.bytes_in > 0 and remote.bytes_out > 0
-        stale = claim(node_api.engine, node_api.job.id or 0, "remote:2", now=utcnow() + timedelta(hours=1))
-        assert stale is None  # done: nothing more to claim
+        with Session(node_api.engine) as s:
+            job = s.get(Job, node_api.job.id)
+            assert job is not None and job.state == DONE and job.summary == "s"
+            assert len(s.exec(select(JobOutput)).all()) == 1 and len(s.exec(select(OutboxRow)).all()) == 1
     finally:
         remote.close()
         server.should_exit = True
         thread.join(10)
+
+
+def test_worker_node_url_config_is_checked(tmp_path: Path) -> None:
+    """`[worker] node_url` must be an http(s) URL and comes with a token; unset, the worker uses storage.path."""
+    from dicom_node.config import ConfigError
+
+    cfg = tmp_path / "unimedvl.toml"
+    assert load_config(None).worker.node_url == ""
+    cfg.write_text('[worker]\nnode_url = "gateway:8080"\nnode_token = "umv_x"\n')
+    with pytest.raises(ConfigError, match="node_url must be http"):
+        load_config(cfg)
+    cfg.write_text('[worker]\nnode_url = "http://gateway:8080"\n')
+    with pytest.raises(ConfigError, match="node_url needs node_token"):
+        load_config(cfg)
