@@ -197,7 +197,14 @@ def read_dataset(data: bytes | Any) -> Dataset:
 
 def load_datasets(engine: Engine, storage: Storage, job: Job) -> list[Dataset]:
     """The job's source instances, read from storage paths recorded in the index (never from received values)."""
-    return [read_dataset(storage.path(r.relpath)) for r in source_rows(engine, job)]
+    datasets = []
+    for r in source_rows(engine, job):
+        try:
+            path = storage.path(r.relpath)
+        except ValueError:
+            raise JobInputError("a source instance's recorded path is not inside the storage root") from None
+        datasets.append(read_dataset(path))
+    return datasets
 
 
 class _Prewritten:
