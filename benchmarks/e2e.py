@@ -17,6 +17,11 @@ Two figures, measured in one run against a real Orthanc as the destination:
    `unimedvl serve` + one extra `unimedvl worker`; all on the embedded SQLite broker and index).
    With N > 1 CPU workers each gets OMP_NUM_THREADS = cores / N.
 
+`--split remote` runs workers without the node's disk (`[worker] node_url`, their own empty
+storage folders; sources over WADO-RS, outputs uploaded, dicom_node.jobs.remote), turnaround
+included with 1 worker (`node --api` + 1 remote worker); `--split node remote` measures both in
+the same run, and the remote rows add the bytes moved over HTTP per study (from the workers' logs).
+
 Each turnaround case runs `--repeats` times; the table shows the run with the median overhead
 (its breakdown adds up to its total), the spread and the means; the JSON keeps every run.
 
@@ -26,7 +31,7 @@ so the figures show what the defaults cost. The embedded broker (kombu's SQLAlch
 transport) polls once a second and has no setting.
 
     python -m benchmarks.e2e [--ct-slices 100] [--ct-size 128] [--cr-size 256] [--studies 6]
-                             [--workers 1 2] [--split node|serve] [--profiles default tuned]
+                             [--workers 1 2] [--split node|serve|remote ...] [--profiles default tuned]
                              [--quiet 2] [--repeats 3] [--no-counted] [--keep DIR] [--out figures.json]
 
 Exit status: 0 all median overheads < 2 s and nothing lost, 2 an overhead above target, 1 a
@@ -183,6 +188,25 @@ class Proc:
 
 
 MODEL_LOADED = re.compile(r"model loaded in [\d.]+ s")
+SPLITS = ("node", "serve", "remote")
+MOVED = re.compile(r"(?:fetched \d+ instance\(s\), |uploaded \d+ output\(s\), )(\d+) bytes")
+
+
+def moved_bytes(logs: list[str]) -> int:
+    """Bytes remote workers fetched (WADO-RS) and uploaded (outputs), from their log lines."""
+    return sum(int(m.group(1)) for text in logs for m in MOVED.finditer(text))
+
+
+def _wait_ready(proc: Proc, timeout: float) -> None:
+    """Until the Celery worker logs "ready." (its queues are declared)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if " ready." in proc.text():
+            return
+        if not proc.alive():
+            raise PeerError(f"{proc.log.name} exited early:\n{proc.text()[-3000:]}")
+        time.sleep(0.2)
+    raise PeerError(f"{proc.log.name} was not ready within {timeout:.0f} s")
 
 
 def _wait_models(procs: list[Proc], n: int, timeout: float) -> None:
@@ -207,13 +231,13 @@ class Gateway:
     def __init__(
         self, workdir: Path, orthanc: OrthancServer, *, workers: int, quiet: float, profile: str, split: str = "node"
     ) -> None:
-        if split not in ("node", "serve"):
-            raise ValueError("split is 'node' or 'serve'")
+        if split not in SPLITS:
+            raise ValueError("split is 'node', 'serve' or 'remote'")
         self.workdir = workdir
         self.port = free_port()
         self.http_port = free_port()
         self.workers = workers
-        self.split = "serve" if workers == 1 else split
+        self.split = "serve" if workers == 1 and split != "remote" else split
         self.quiet = quiet
         self.profile = profile
         self.config = workdir / "unimedvl.toml"
@@ -245,15 +269,42 @@ class Gateway:
             wait_for_echo("127.0.0.1", self.port, NODE_AET, timeout=timeout, proc=node.proc, log=node.log)
             # After the node ran the migrations: workers open the same SQLite index.
             extra = self.workers - 1 if self.split == "serve" else self.workers
+            token = self._worker_token() if self.split == "remote" else ""
             for i in range(extra):
                 log = self.workdir / f"worker{i + 1}.log"
-                self.procs.append(Proc([*_exe(), "worker", *cfg], log, self.workdir, env))
+                wcfg = ["--config", str(self._remote_config(i + 1, token))] if token else cfg
+                self.procs.append(Proc([*_exe(), "worker", *wcfg], log, self.workdir, env))
+                if i + 1 < extra:
+                    # One at a time: workers starting together on the embedded broker race to
+                    # create its queue rows (UNIQUE constraint failed: kombu_queue.name).
+                    _wait_ready(self.procs[-1], timeout)
             _wait_models(self.procs, self.workers, timeout)
             self._wait_api(timeout)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _worker_token(self) -> str:
+        """A worker-role user and its API token in the gateway's index (migrated by the node)."""
+        from dicom_node.console.auth import add_user, create_token
+        from dicom_node.db import make_engine
+
+        engine = make_engine(self.db_url)
+        try:
+            add_user(engine, "bench-worker", "bench-worker-password", "worker")
+            return create_token(engine, "bench-worker", "benchmark")
+        finally:
+            engine.dispose()
+
+    def _remote_config(self, i: int, token: str) -> Path:
+        """A remote worker's config: the gateway's index and broker, its own empty storage, the node's URL."""
+        folder = self.workdir / f"remote-worker{i}"
+        folder.mkdir(exist_ok=True)
+        text = self.config.read_text().replace(f'path = "{self.workdir / "storage"}"', f'path = "{folder / "storage"}"')
+        path = folder / "unimedvl.toml"
+        path.write_text(text + f'\n[worker]\nnode_url = "{self.api}"\nnode_token = "{token}"\n')
+        return path
 
     def _wait_api(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -385,6 +436,7 @@ class Turnaround:
     per_job: list[dict[str, Any]] = field(default_factory=list)
     met: bool = False
     completed_because: str = ""  # quiet | count | mpps | force: quiet_s is 0 unless it waited for the quiet period
+    bytes_moved: int | None = None  # remote workers: WADO-RS in + outputs uploaded, this study
 
 
 def _delivered_after(job: dict[str, Any], finished_at: datetime) -> float | None:
@@ -525,6 +577,7 @@ def run_turnaround(
             ("CR counted", lambda uid, d: with_count([make_cr(d, cr_size, cr_size, study_uid=uid, seed=2)])),
         ]
     for (label, make), rep in ((c, r) for r in range(repeats) for c in cases):
+        before = moved_bytes(gw.worker_logs())
         uid = new_uid()
         files = make(uid, data / f"{gw.profile}-{gw.workers}-{label}-{rep}")
         _send(files, gw)
@@ -534,6 +587,8 @@ def run_turnaround(
         t = turnaround(tl, gw.quiet, pipeline_seconds(logs), held, f"{label} ({len(files)} inst)", received_times(logs))
         t.outputs = n_out
         t.met = t.met and held == n_out
+        if gw.split == "remote":
+            t.bytes_moved = moved_bytes(logs) - before
         results.append(t)
     return results
 
@@ -549,6 +604,7 @@ class Throughput:
     outputs: int
     in_orthanc: int
     failed_jobs: int
+    bytes_per_study: float | None = None  # remote workers: over HTTP (WADO-RS in + outputs up)
 
 
 def run_throughput(
@@ -561,6 +617,7 @@ def run_throughput(
         sets.append(
             (uid, [make_cr(data / f"tp-{gw.profile}-{gw.workers}-{i}", cr_size, cr_size, study_uid=uid, seed=i)])
         )
+    before = moved_bytes(gw.worker_logs())
     t0 = datetime.now(UTC)
     for _, files in sets:
         _send(files, gw)
@@ -585,6 +642,7 @@ def run_throughput(
         outputs,
         held,
         failed,
+        round((moved_bytes(gw.worker_logs()) - before) / studies) if gw.split == "remote" else None,
     )
 
 
@@ -599,16 +657,17 @@ def run(
     quiet: float = 2.0,
     repeats: int = 3,
     counted: bool = True,
-    split: str = "node",
+    split: str | tuple[str, ...] = "node",
     timeout: float = 600.0,
     keep: Path | None = None,
 ) -> dict[str, Any]:
+    splits = (split,) if isinstance(split, str) else tuple(split)
     for p in profiles:
         if p not in PROFILES:
             raise ValueError(f"unknown profile {p!r}; choose from {', '.join(PROFILES)}")
     figures: dict[str, Any] = {
         "ct_slices": ct_slices, "ct_size": ct_size, "cr_size": cr_size, "studies": studies, "quiet_s": quiet,
-        "repeats": repeats, "split": split,
+        "repeats": repeats, "split": list(splits),
         "profiles": {p: PROFILES[p] for p in profiles}, "target_overhead_s": TARGET_OVERHEAD_S,
         "model": "tiny (random weights) on CPU", "started": datetime.now(UTC).isoformat(),
         "load_before": os.getloadavg(), "turnaround": [], "throughput": [],
@@ -617,16 +676,24 @@ def run(
         root = keep or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-e2e-")))
         orthanc = stack.enter_context(OrthancServer(root / "orthanc"))
         data = root / "data"
+        combos: list[tuple[int, str]] = []
+        for n in workers:
+            for sp in splits:
+                effective = "serve" if n == 1 and sp != "remote" else sp
+                if (n, effective) not in combos:
+                    combos.append((n, effective))
         for profile in profiles:
-            for n in workers:
-                gw = Gateway(root / f"gw-{profile}-{n}", orthanc, workers=n, quiet=quiet, profile=profile, split=split)
+            for n, sp in combos:
+                gw = Gateway(
+                    root / f"gw-{profile}-{n}-{sp}", orthanc, workers=n, quiet=quiet, profile=profile, split=sp
+                )
                 with gw:
                     if n == 1:
                         for t in run_turnaround(
                             gw, orthanc, data, ct_slices=ct_slices, ct_size=ct_size, cr_size=cr_size,
                             timeout=timeout, repeats=repeats, counted=counted,
                         ):  # fmt: skip
-                            figures["turnaround"].append({"profile": profile, "workers": n, **asdict(t)})
+                            figures["turnaround"].append({"profile": profile, "workers": n, "split": sp, **asdict(t)})
                     tp = run_throughput(gw, orthanc, data, studies=studies, cr_size=cr_size, timeout=timeout)
                     figures["throughput"].append(asdict(tp))
         figures["summary"] = summarise(figures["turnaround"])
@@ -647,9 +714,9 @@ _COMPONENTS = (
 
 def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (profile, study): the run with the median overhead (its breakdown adds up) and the spread."""
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for r in runs:
-        groups.setdefault((r["profile"], r["study"]), []).append(r)
+        groups.setdefault((r["profile"], r.get("split", "serve"), r["study"]), []).append(r)
     out = []
     for rs in groups.values():
         ordered = sorted(rs, key=lambda r: r["overhead_s"])
@@ -695,7 +762,10 @@ def print_figures(fig: dict[str, Any]) -> None:
     t.add_column("seconds (median run)")
     runs = fig.get("summary") or summarise(fig["turnaround"])
     for r in runs:
-        t.add_column(f"{r['profile']}\n{r['study']}", justify="right")
+        split = r.get("split", "serve")
+        t.add_column(
+            f"{r['profile']}\n{r['study']}" + ("\nremote worker" if split == "remote" else ""), justify="right"
+        )
     for name, key in rows:
         bold = name.startswith("OVERHEAD")
         t.add_row(f"[bold]{name}[/]" if bold else name, *(_cell(r[key], bold) for r in runs))
@@ -704,6 +774,8 @@ def print_figures(fig: dict[str, Any]) -> None:
     t.add_row("completed because", *(r.get("completed_because", "") for r in runs))
     t.add_row("runs", *(str(r["n"]) for r in runs))
     t.add_row("outputs in Orthanc", *(f"{r['in_orthanc']}/{r['outputs']}" for r in runs))
+    if any(r.get("bytes_moved") is not None for r in runs):
+        t.add_row("bytes over HTTP", *("-" if r.get("bytes_moved") is None else str(r["bytes_moved"]) for r in runs))
     t.add_row("median < 2 s", *("[green]met[/]" if r["met"] else "[red]NOT met[/]" for r in runs))
     console.print(t)
     for r in runs:
@@ -714,17 +786,29 @@ def print_figures(fig: dict[str, Any]) -> None:
         )
         console.print(f"  [{r['profile']}] {r['study']}: {jobs}")
     tp = Table(title=f"Throughput: {fig['studies']} CR studies back to back, first send -> last output in Orthanc")
-    for c in ("profile", "workers", "processes", "seconds", "studies/min", "outputs in Orthanc", "failed jobs"):
+    for c in (
+        "profile",
+        "workers",
+        "processes",
+        "seconds",
+        "studies/min",
+        "outputs in Orthanc",
+        "failed jobs",
+        "bytes/study",
+    ):
         tp.add_column(c, justify="right")
     for r in fig["throughput"]:
         procs = (
-            "serve"
+            f"node + {r['workers']} remote worker"
+            if r["split"] == "remote"
+            else "serve"
             if r["workers"] == 1
             else (f"node + {r['workers']} worker" if r["split"] == "node" else f"serve + {r['workers'] - 1} worker")
         )
         tp.add_row(
             r["profile"], str(r["workers"]), procs, str(r["seconds"]), str(r["studies_per_min"]),
             f"{r['in_orthanc']}/{r['outputs']}", str(r["failed_jobs"]),
+            "-" if r.get("bytes_per_study") is None else str(r["bytes_per_study"]),
         )  # fmt: skip
     console.print(tp)
     console.print(
@@ -759,8 +843,9 @@ def _cli(argv: list[str] | None = None) -> int:
         help="leave out the CT/CR cases completed by their ImagesInAcquisition count",
     )  # fmt: skip
     p.add_argument(
-        "--split", default="node", choices=["node", "serve"],
-        help="N > 1 workers: `node --api` + N `worker` processes, or `serve` + N-1 extra `worker` processes",
+        "--split", nargs="+", default=["node"], choices=list(SPLITS),
+        help="N > 1 workers: `node --api` + N `worker` processes, or `serve` + N-1 extra `worker` processes; "
+        "remote: `node --api` + N workers without the node's disk (also for N = 1); several: each in turn",
     )  # fmt: skip
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--keep", type=Path, default=None, help="work in this folder and keep it (logs, DBs)")
@@ -769,7 +854,7 @@ def _cli(argv: list[str] | None = None) -> int:
     return main(
         out=a.out, ct_slices=a.ct_slices, ct_size=a.ct_size, cr_size=a.cr_size, studies=a.studies,
         workers=tuple(a.workers), profiles=tuple(a.profiles), quiet=a.quiet, repeats=a.repeats, counted=a.counted,
-        split=a.split, timeout=a.timeout, keep=a.keep,
+        split=tuple(a.split), timeout=a.timeout, keep=a.keep,
     )  # fmt: skip
 
 

@@ -7,6 +7,7 @@ and UIDs); the console shows them to roles in `console.phi_roles` only.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from datetime import datetime
@@ -286,8 +287,19 @@ def create_app(
         job_cfg: Any = job_settings(settings)
     except Exception:
         job_cfg = None  # the service refuses a bad [jobs] table before the API starts
+    from dicom_node.dicomweb import dicomweb_router
+    from dicom_node.jobs.uploads import uploads_router
+    from dicom_node.storage import Storage
+
+    @functools.cache
+    def storage() -> Storage:  # opened on first use: an API that serves no worker creates no folders
+        return Storage(settings.storage.path, settings.storage.min_free_bytes)
+
     app.include_router(outbox_router)
     app.include_router(jobs_router(write_engine, publisher, job_cfg))
+    # Remote workers (no shared disk): WADO-RS retrieval of stored instances, upload of outputs.
+    app.include_router(dicomweb_router(engine, storage, list(settings.console.phi_roles)))
+    app.include_router(uploads_router(write_engine, storage, [d.name for d in settings.destinations]))
     app.include_router(console_router(publisher, job_cfg))
 
     @app.exception_handler(HTTPException)

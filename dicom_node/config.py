@@ -131,6 +131,26 @@ class HttpSettings(_Section):
         return int(self.bind.rpartition(":")[2])
 
 
+class WorkerSettings(_Section):
+    """`[worker]`: how a worker reaches the node's stored instances. Empty `node_url` (the default):
+    the worker shares `[storage] path` with the node. Set: sources are fetched over WADO-RS and
+    outputs uploaded to the node (dicom_node.jobs.remote), so no shared disk is needed."""
+
+    node_url: str = ""  # e.g. "http://gateway:8080", the node's [http] bind as the worker reaches it
+    node_token: str = ""  # an API token of a user with the "worker" role (`unimedvl console token`)
+    timeout_seconds: float = Field(60.0, gt=0)  # per HTTP request (connect, read a chunk, write)
+    tls_ca: str = ""  # CA bundle for an https node_url (empty: the system's)
+
+    @model_validator(mode="after")
+    def _complete(self) -> WorkerSettings:
+        if self.node_url:
+            if not self.node_url.startswith(("http://", "https://")):
+                raise ValueError("node_url must be http(s)://HOST:PORT")
+            if not self.node_token:
+                raise ValueError("node_url needs node_token (an API token of a worker-role user)")
+        return self
+
+
 class ModelSettings(_Section):
     path: str = "tiny"
     device: str = "auto"
@@ -237,6 +257,7 @@ class Settings(BaseSettings):
     export: ExportSettings = ExportSettings()
     console: ConsoleSettings = ConsoleSettings()
     health: HealthSettings = HealthSettings()
+    worker: WorkerSettings = WorkerSettings()
     destinations: list[DestinationSettings] = []
     rules: list[dict[str, Any]] | None = None  # validated by dicom_node.routing; None = shipped defaults
     jobs: dict[str, Any] = {}  # validated by dicom_node.jobs (JobSettings)
@@ -367,6 +388,8 @@ def load_config(path: str | Path | None = None) -> Settings:
         settings.model.path = _resolve(base, settings.model.path)
     settings.database.url = _resolve_sqlite(base, settings.database.url)
     settings.broker.url = _resolve_sqlite(base, settings.broker.url)
+    if settings.worker.tls_ca:
+        settings.worker.tls_ca = _resolve(base, settings.worker.tls_ca)
     for key in ("tls_cert", "tls_key", "tls_ca"):
         if getattr(settings.node, key):
             setattr(settings.node, key, _resolve(base, getattr(settings.node, key)))

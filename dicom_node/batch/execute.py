@@ -437,6 +437,13 @@ def record(engine: Engine, c: ItemClaim, outcome: ItemOutcome, timings: dict[str
         if item.claim_token != c.token or item.state not in (FETCHING, RUNNING):
             s.rollback()
             return False
+        if send and storage is None:
+            log.warning(
+                "batch item %s: outputs not queued for %s: a worker without the node's storage path "
+                "([worker] node_url) cannot queue batch outputs for delivery",
+                item.id,
+                ", ".join(send),
+            )
         if send and storage is not None:
             from dicom_node.export.outbox import enqueue
 

@@ -48,7 +48,7 @@ def _act(config: Path | None, action: Any) -> Any:
 @users_app.command("add")
 def add(
     name: str = typer.Argument(..., help="user name"),
-    role: str = typer.Option("readonly", "--role", help="admin or readonly"),
+    role: str = typer.Option("readonly", "--role", help="admin, readonly or worker (remote workers' API tokens)"),
     password_stdin: bool = typer.Option(False, "--password-stdin", help="read the password from stdin"),
     config: Path | None = ConfigOption,
 ) -> None:

@@ -9,20 +9,33 @@ Installed as an application-wide FastAPI dependency (so routers mounted later ar
   carries the session's CSRF token (`X-CSRF-Token` header or `csrf_token` form field): the
   synchronizer-token pattern of the OWASP CSRF Prevention Cheat Sheet.
 - State-changing requests need the admin role (read-only users only read), except logout.
+- The worker role (remote workers' API tokens) reaches only WADO-RS retrieval (`GET /dicomweb/...`)
+  and the upload of a job's outputs (`POST /api/jobs/{id}/outputs`, dicom_node.jobs.uploads).
 """
 
 from __future__ import annotations
 
+import re
 from urllib.parse import quote, urlsplit
 
 from fastapi import HTTPException, Request
 
 from dicom_node.console.auth import Principal, same_token, session_principal, token_principal
+from dicom_node.console.models import WORKER
 
 SESSION_COOKIE = "unimedvl_session"
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/login"})
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 ANY_ROLE_POSTS = frozenset({"/logout"})
+WORKER_GET = re.compile(r"/dicomweb/studies/[^/]+(/series/[^/]+(/instances/[^/]+)?)?")
+WORKER_POST = re.compile(r"/api/jobs/[0-9]+/outputs")
+
+
+def worker_may(method: str, path: str) -> bool:
+    """What the worker role may call: WADO-RS retrieval and job output uploads."""
+    if method in ("GET", "HEAD"):
+        return WORKER_GET.fullmatch(path) is not None
+    return method == "POST" and WORKER_POST.fullmatch(path) is not None
 
 
 def _origin_allowed(request: Request, allowed: list[str]) -> bool:
@@ -60,10 +73,12 @@ async def guard(request: Request) -> None:
         return
     principal = principal_of(request)
     if principal is None:
-        if path.startswith("/api/") or unsafe:
+        if path.startswith(("/api/", "/dicomweb/")) or unsafe:
             raise HTTPException(401, "login required", headers={"WWW-Authenticate": "Bearer"})
         raise HTTPException(303, "login required", headers={"Location": "/login?next=" + quote(path)})
     request.state.principal = principal
+    if principal.role == WORKER and not worker_may(request.method, path):
+        raise HTTPException(403, "a worker token may only retrieve stored instances and upload job outputs")
     if not unsafe:
         return
     if principal.via == "session":
@@ -76,7 +91,7 @@ async def guard(request: Request) -> None:
             sent = value if isinstance(value, str) else None
         if not same_token(sent, principal.csrf_token):
             raise HTTPException(403, "missing or wrong CSRF token: reload the page and try again")
-    if path not in ANY_ROLE_POSTS and not principal.is_admin:
+    if path not in ANY_ROLE_POSTS and not principal.is_admin and principal.role != WORKER:
         raise HTTPException(403, f"user {principal.name} is read-only: this needs the admin role")
 
 

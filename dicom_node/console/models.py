@@ -13,7 +13,8 @@ from sqlmodel import Field, SQLModel
 
 ADMIN = "admin"
 READONLY = "readonly"
-ROLES = (ADMIN, READONLY)
+WORKER = "worker"  # remote workers' API tokens: fetch stored instances, upload job outputs, nothing else
+ROLES = (ADMIN, READONLY, WORKER)
 
 
 class ConsoleUser(SQLModel, table=True):

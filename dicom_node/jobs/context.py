@@ -1,10 +1,12 @@
-"""A worker process's state: its settings, DB engine, storage and the warm model.
+"""A worker process's state: its settings, DB engine, storage (or the node's API) and the warm model.
 
 Celery's pool child builds one `WorkerContext` on first use (`current_context`) and keeps it
 for its life: the model loads once, in a background thread right after the child starts
 (`warm_up_in_background`), or on the first job. `WorkerContext.run(job_id)` runs one job
 through `dicom_node.jobs.runner.execute_job` (claim, lease, output transaction) with the
-model work done by `inference.pipelines.run_task` (datasets in, datasets out).
+model work done by `inference.pipelines.run_task` (datasets in, datasets out). Sources and
+outputs go through the shared storage path (`runner.LocalIO`), or with `[worker] node_url`
+through the node's HTTP API (`dicom_node.jobs.remote.RemoteIO`, no shared disk).
 
 The settings come from `set_settings` (called by `run_worker` before the pool forks) or, for a
 plain `celery -A dicom_node.jobs.celery_app worker`, from `UNIMEDVL_CONFIG` (or
@@ -24,7 +26,7 @@ from typing import Any
 from pydicom import Dataset
 
 from dicom_node.db import make_engine
-from dicom_node.jobs.runner import Output, execute_job, failure_reason
+from dicom_node.jobs.runner import JobIO, LocalIO, Output, execute_job, failure_reason, job_destinations
 from dicom_node.storage import Storage
 
 log = logging.getLogger("dicom_node.jobs.context")
@@ -51,7 +53,19 @@ class WorkerContext:
 
     def __post_init__(self) -> None:
         self.db = make_engine(self.settings.database.url)
-        self.storage = Storage(self.settings.storage.path, self.settings.storage.min_free_bytes)
+        # Local-path mode (default): the node's storage path is shared. With [worker] node_url the
+        # worker never touches a storage path: sources and outputs go over the node's HTTP API.
+        self.job_io: JobIO
+        w = getattr(self.settings, "worker", None)
+        if w is not None and w.node_url:
+            from dicom_node.jobs.remote import RemoteIO
+
+            self.storage: Storage | None = None
+            self.job_io = RemoteIO(w.node_url, w.node_token, w.timeout_seconds, w.tls_ca)
+            log.info("remote worker: instances and outputs through the node's API (no shared disk)")
+        else:
+            self.storage = Storage(self.settings.storage.path, self.settings.storage.min_free_bytes)
+            self.job_io = LocalIO(self.storage, self.destinations)
         self._engine: Any = None
         self._engine_error: BaseException | None = None
         self._lock = threading.Lock()
@@ -96,9 +110,7 @@ class WorkerContext:
     # ------------------------------------------------------------------ jobs
 
     def destinations(self, job: Any) -> list[str]:
-        configured = [d.name for d in self.settings.destinations]
-        wanted = job.params.get("destinations")
-        return list(wanted) if wanted else configured
+        return job_destinations([d.name for d in self.settings.destinations], job)
 
     def run_pipeline(self, job: Any, datasets: list[Dataset]) -> tuple[list[Output], str | None, dict[str, Any] | None]:
         from inference.pipelines import run_task
@@ -125,7 +137,7 @@ class WorkerContext:
             from celery.exceptions import Reject
 
             raise Reject(f"model not loadable: {failure_reason(exc)}", requeue=True) from None
-        return execute_job(self.db, self.storage, job_id, self.run_pipeline, self.destinations)
+        return execute_job(self.db, self.job_io, job_id, self.run_pipeline, self.destinations)
 
 
 def _stop_worker_process() -> None:

@@ -6,18 +6,23 @@ and only if this worker still holds the job's claim. A worker killed before that
 leaves files no row references (nothing is delivered, nothing recorded); the re-run writes
 a fresh set and records it once. Unreferenced files are harmless and can be found by
 comparing storage/objects with the instance, outbox and job_output tables.
+
+Where sources come from and outputs go is a `JobIO`: `LocalIO` (the storage path shared with
+the node) or `dicom_node.jobs.remote.RemoteIO` (the node's HTTP API; the node then runs
+`commit_outputs`, the same transaction, in `dicom_node.jobs.uploads`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from pydicom import Dataset, dcmread
 from sqlalchemy import update
@@ -148,14 +153,25 @@ def heartbeat(engine: Engine, claim_: Claim) -> leases.LeaseKeeper:
     )
 
 
-def load_datasets(engine: Engine, storage: Storage, job: Job) -> list[Dataset]:
-    """The job's source instances, read from storage paths recorded in the index (never from received values)."""
+@dataclass(frozen=True)
+class SourceRow:
+    """One source instance of a job as the index records it."""
+
+    series_uid: str
+    relpath: str
+    sha256: str
+
+
+def source_rows(engine: Engine, job: Job) -> list[SourceRow]:
+    """The job's source instances from the index, in series / instance-number order.
+
+    Raises JobInputError when the study or all of its series are gone."""
     with Session(engine) as s:
         study = s.exec(select(Study).where(Study.study_instance_uid == job.study_instance_uid)).first()
         if study is None:
             raise JobInputError("the study is no longer in the index")
         rows = s.exec(
-            select(Instance.relpath, Instance.sha256)
+            select(Series.series_instance_uid, Instance.relpath, Instance.sha256)
             .join(Series, col(Series.id) == Instance.series_pk)
             .where(
                 Instance.study_pk == study.id,
@@ -166,14 +182,28 @@ def load_datasets(engine: Engine, storage: Storage, job: Job) -> list[Dataset]:
         ).all()
     if not rows:
         raise JobInputError("none of the job's series has instances in the index")
+    return [SourceRow(series, relpath, sha) for series, relpath, sha in rows]
+
+
+def read_dataset(data: bytes | Any) -> Dataset:
+    """A source instance parsed from bytes (or a path); JobInputError when it cannot be read."""
+    try:
+        return dcmread(io.BytesIO(data) if isinstance(data, bytes | bytearray) else data)
+    except FileNotFoundError:
+        raise JobInputError("a source instance file is missing from storage") from None
+    except Exception as exc:
+        raise JobInputError(f"a source instance cannot be read: {one_line(str(exc), 300)}") from None
+
+
+def load_datasets(engine: Engine, storage: Storage, job: Job) -> list[Dataset]:
+    """The job's source instances, read from storage paths recorded in the index (never from received values)."""
     datasets = []
-    for relpath, _sha in rows:
+    for r in source_rows(engine, job):
         try:
-            datasets.append(dcmread(storage.path(relpath)))
-        except FileNotFoundError:
-            raise JobInputError("a source instance file is missing from storage") from None
-        except Exception as exc:
-            raise JobInputError(f"a source instance cannot be read: {one_line(str(exc), 300)}") from None
+            path = storage.path(r.relpath)
+        except ValueError:
+            raise JobInputError("a source instance's recorded path is not inside the storage root") from None
+        datasets.append(read_dataset(path))
     return datasets
 
 
@@ -197,50 +227,77 @@ class Output:
     source_series_uid: str | None = None
 
 
-def complete(
+@dataclass(frozen=True)
+class EncodedOutput:
+    """An output object as the Part 10 bytes that are stored and delivered, with its header."""
+
+    data: bytes
+    header: Dataset
+    kind: str
+    source_series_uid: str | None = None
+
+
+def encode_outputs(outputs: Sequence[Output]) -> list[EncodedOutput]:
+    """Part 10 bytes of every output (raises EnqueueError for an object that cannot be encoded)."""
+    encoded = []
+    for o in outputs:
+        data, header = part10_bytes(o.dataset)
+        encoded.append(EncodedOutput(data, header, o.kind, o.source_series_uid))
+    return encoded
+
+
+def job_destinations(configured: Sequence[str], job: Job) -> list[str]:
+    """Where a job's outputs go: the job's own `destinations` parameter, else every configured one."""
+    wanted = (job.params or {}).get("destinations")
+    return list(wanted) if wanted else list(configured)
+
+
+def commit_outputs(
     engine: Engine,
     storage: Storage,
-    claim_: Claim,
-    outputs: Sequence[Output],
+    job_id: int,
+    token: str,
+    encoded: Sequence[EncodedOutput],
     destinations: Sequence[str],
     *,
     summary: str | None = None,
     model_info: dict[str, Any] | None = None,
 ) -> list[JobOutput] | None:
-    """Store outputs, then record them + their outbox rows + job done in one transaction.
+    """Store encoded outputs, then record them + their outbox rows + job done in ONE transaction,
+    only while job `job_id` is running under claim `token`.
 
-    None when the claim was lost meanwhile (another worker owns the job now): nothing recorded.
+    Shared by local workers (`complete`) and the node's upload route for remote workers
+    (`dicom_node.jobs.remote`). None when the claim was lost meanwhile: nothing recorded (the
+    files written are unreferenced, harmless).
     """
-    encoded: list[tuple[bytes, Dataset, StoredObject, Output]] = []
     written: dict[str, StoredObject] = {}
-    for o in outputs:
-        data, header = part10_bytes(o.dataset)
-        stored = storage.write(data)  # durable before any row points at it
+    stored_list: list[StoredObject] = []
+    for e in encoded:
+        stored = storage.write(e.data)  # durable before any row points at it
         written[stored.sha256] = stored
-        encoded.append((data, header, stored, o))
+        stored_list.append(stored)
     pre = _Prewritten(storage, written)
     now = utcnow()
-    job_id = claim_.job.id
     with Session(engine, expire_on_commit=False) as s:
         # Lock the job row first (PostgreSQL; SQLite's BEGIN IMMEDIATE already serialises writers)
         # so the sweeper cannot re-queue it between this check and the commit.
         job = s.exec(select(Job).where(Job.id == job_id).with_for_update()).one()
-        if job.state != RUNNING or job.claim_token != claim_.token:  # the claim moved on
+        if job.state != RUNNING or job.claim_token != token:  # the claim moved on
             s.rollback()
             return None
         records = []
-        for data, header, stored, o in encoded:
+        for e, stored in zip(encoded, stored_list, strict=True):
             outbox_ids: list[int] = []
             if destinations:
-                rows = enqueue(s, pre, data, destinations, job_id=job_id, now=now)
+                rows = enqueue(s, pre, e.data, destinations, job_id=job_id, now=now)
                 outbox_ids = [r.id for r in rows if r.id is not None]
             record = JobOutput(
                 job_id=job_id or 0,
-                sop_instance_uid=str(header.SOPInstanceUID),
-                sop_class_uid=str(header.SOPClassUID),
-                series_instance_uid=str(header.get("SeriesInstanceUID", "")) or None,
-                source_series_uid=o.source_series_uid,
-                kind=o.kind,
+                sop_instance_uid=str(e.header.SOPInstanceUID),
+                sop_class_uid=str(e.header.SOPClassUID),
+                series_instance_uid=str(e.header.get("SeriesInstanceUID", "")) or None,
+                source_series_uid=e.source_series_uid,
+                kind=e.kind,
                 relpath=stored.relpath,
                 sha256=stored.sha256,
                 size=stored.size,
@@ -259,6 +316,33 @@ def complete(
         s.add(job)
         s.commit()
     return records
+
+
+def complete(
+    engine: Engine,
+    storage: Storage,
+    claim_: Claim,
+    outputs: Sequence[Output],
+    destinations: Sequence[str],
+    *,
+    summary: str | None = None,
+    model_info: dict[str, Any] | None = None,
+) -> list[JobOutput] | None:
+    """Store outputs, then record them + their outbox rows + job done in one transaction.
+
+    None when the claim was lost meanwhile (another worker owns the job now): nothing recorded.
+    """
+    assert claim_.job.id is not None
+    return commit_outputs(
+        engine,
+        storage,
+        claim_.job.id,
+        claim_.token,
+        encode_outputs(outputs),
+        destinations,
+        summary=summary,
+        model_info=model_info,
+    )
 
 
 def fail(engine: Engine, claim_: Claim, reason: str, *, now: datetime | None = None) -> bool:
@@ -327,9 +411,62 @@ def crash(engine: Engine, claim_: Claim, exc: BaseException, *, now: datetime | 
 RunFn = Callable[[Job, list[Dataset]], tuple[list[Output], str | None, dict[str, Any] | None]]
 
 
+class JobIO(Protocol):
+    """Where a worker's job reads its sources and records its outputs: the node's storage path
+    (`LocalIO`) or the node's HTTP API (`dicom_node.jobs.remote.RemoteIO`, no shared disk)."""
+
+    def load(self, engine: Engine, job: Job) -> list[Dataset]:
+        """The job's source datasets; JobInputError when they cannot be had."""
+        ...
+
+    def record(
+        self,
+        engine: Engine,
+        claim_: Claim,
+        outputs: Sequence[Output],
+        *,
+        summary: str | None,
+        model_info: dict[str, Any] | None,
+    ) -> int | None:
+        """Record the outputs + outbox rows + job done at once; the number of outputs, or None
+        when the claim was lost (nothing recorded). EnqueueError: an output cannot be queued."""
+        ...
+
+
+@dataclass
+class LocalIO:
+    """Sources read from, and outputs written to, the storage path this process shares with the node."""
+
+    storage: Storage
+    destinations: Callable[[Job], Sequence[str]]
+
+    def load(self, engine: Engine, job: Job) -> list[Dataset]:
+        return load_datasets(engine, self.storage, job)
+
+    def record(
+        self,
+        engine: Engine,
+        claim_: Claim,
+        outputs: Sequence[Output],
+        *,
+        summary: str | None,
+        model_info: dict[str, Any] | None,
+    ) -> int | None:
+        recorded = complete(
+            engine,
+            self.storage,
+            claim_,
+            outputs,
+            self.destinations(claim_.job),
+            summary=summary,
+            model_info=model_info,
+        )
+        return None if recorded is None else len(recorded)
+
+
 def execute_job(
     engine: Engine,
-    storage: Storage,
+    storage: Storage | JobIO,
     job_id: int,
     run: RunFn,
     destinations: Callable[[Job], Sequence[str]],
@@ -337,19 +474,18 @@ def execute_job(
     worker: str | None = None,
 ) -> str:
     """Claim and run one job end to end; never raises for a job's own failure."""
+    job_io: JobIO = LocalIO(storage, destinations) if isinstance(storage, Storage) else storage
     c = claim(engine, job_id, worker)
     if c is None:
         return SKIPPED
     log.info("job %s (%s) claimed: attempt %d of %d", job_id, c.job.kind, c.job.attempts, c.job.max_attempts)
     with heartbeat(engine, c) as hb:
         try:
-            datasets = load_datasets(engine, storage, c.job)
+            datasets = job_io.load(engine, c.job)
             outputs, summary, model_info = run(c.job, datasets)
             if hb.lost.is_set():
                 return LOST
-            recorded = complete(
-                engine, storage, c, outputs, destinations(c.job), summary=summary, model_info=model_info
-            )
+            recorded = job_io.record(engine, c, outputs, summary=summary, model_info=model_info)
         except EnqueueError as exc:
             log.error("job %s: an output cannot be queued for delivery: %s", job_id, exc)
             fail(engine, c, f"an output object cannot be queued for delivery: {exc}")
@@ -375,5 +511,5 @@ def execute_job(
     if recorded is None:
         log.warning("job %s: claim lost before recording results; another run owns it", job_id)
         return LOST
-    log.info("job %s done: %d output object(s)", job_id, len(recorded))
+    log.info("job %s done: %d output object(s)", job_id, recorded)
     return RAN_DONE
