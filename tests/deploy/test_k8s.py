@@ -100,10 +100,13 @@ def _parse_cli(command: list[str], args: list[str]) -> tuple[str, dict[str, Any]
     assert command == [next(iter(scripts))] and scripts[command[0]] == "dicom_node.cli:app"
     from dicom_node.cli import app
 
-    group = typer.main.get_command(app)
-    sub = group.commands.get(args[0])  # type: ignore[attr-defined]
-    assert sub is not None, f"`unimedvl {args[0]}` is not a command"
-    ctx = sub.make_context(args[0], list(args[1:]))  # raises click.UsageError on unknown options
+    sub: Any = typer.main.get_command(app)
+    rest = list(args)
+    while hasattr(sub, "commands"):  # a group (`unimedvl users add ...`): down to the command
+        found = sub.commands.get(rest[0])
+        assert found is not None, f"`unimedvl {' '.join(args[: len(args) - len(rest) + 1])}` is not a command"
+        sub, rest = found, rest[1:]
+    ctx = sub.make_context(args[0], rest)  # raises click.UsageError on unknown options
     return args[0], ctx.params
 
 
@@ -137,6 +140,7 @@ def _settings(objs: list[dict[str, Any]], pod: dict[str, Any], container: dict[s
                 env[e["name"]] = {
                     "UNIMEDVL_DATABASE__URL": "postgresql+psycopg://u:p@db.example.org/unimedvl",
                     "UNIMEDVL_BROKER__URL": "amqp://u:p@mq.example.org:5672//",
+                    "UNIMEDVL_WORKER__NODE_TOKEN": "umv_placeholder",
                 }[e["name"]]
     mp = pytest.MonkeyPatch()
     try:
@@ -146,6 +150,20 @@ def _settings(objs: list[dict[str, Any]], pod: dict[str, Any], container: dict[s
         return load_config(local), env
     finally:
         mp.undo()
+
+
+def _is_remote_worker(settings: Any) -> bool:
+    """What the worker process would build from these settings: the node's API, no storage path.
+    (The engine is created lazily: nothing connects to the placeholder database.)"""
+    from dicom_node.jobs.context import WorkerContext
+    from dicom_node.jobs.remote import RemoteIO
+
+    ctx = WorkerContext(settings)
+    try:
+        return ctx.storage is None and isinstance(ctx.job_io, RemoteIO)
+    finally:
+        ctx.job_io.client.close()  # type: ignore[attr-defined]
+        ctx.db.dispose()
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -162,12 +180,19 @@ def test_commands_config_ports_and_mounts_match_the_program(
         settings, env = _settings(objs, pod, c, params, tmp_path)
         mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
         volumes = {v["name"]: v for v in pod["volumes"]}
-        # the instance store is on the shared claim, in the node and in every worker
-        store = next(p for p in mounts if Path(settings.storage.path).is_relative_to(p))
-        assert volumes[mounts[store]["name"]]["persistentVolumeClaim"]["claimName"] == "unimedvl-storage"
+        claims = {v["persistentVolumeClaim"]["claimName"] for v in volumes.values() if "persistentVolumeClaim" in v}
+        written = [settings.model.cache_dir, "/tmp", env.get("HOME", "/tmp")]
+        if sub == "node":  # the instance store is the node's claim
+            store = next(p for p in mounts if Path(settings.storage.path).is_relative_to(p))
+            assert volumes[mounts[store]["name"]]["persistentVolumeClaim"]["claimName"] == "unimedvl-storage"
+            written.append(settings.storage.path)
+        else:  # remote mode: no worker mounts the instance store, at its path or any other
+            assert "unimedvl-storage" not in claims, name
+            assert not any(Path(settings.storage.path).is_relative_to(p) for p in mounts), name
+            assert _is_remote_worker(settings), name
         # every path the program writes is a mounted volume (the root filesystem is read-only)
         assert c["securityContext"]["readOnlyRootFilesystem"] is True
-        for path in (settings.storage.path, settings.model.cache_dir, "/tmp", env.get("HOME", "/tmp")):
+        for path in written:
             assert any(Path(path).is_relative_to(p) and not mounts[p].get("readOnly") for p in mounts), path
         ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
         gpus = int(c["resources"].get("limits", {}).get("nvidia.com/gpu", 0))
@@ -280,13 +305,12 @@ def test_pods_are_non_root_with_requests_and_budgets(rendered: dict[str, list[di
             assert c.get("resources", {}).get("requests"), c["name"]
 
 
-def test_production_uses_external_services_and_shared_storage(rendered: dict[str, list[dict[str, Any]]]) -> None:
+def test_production_uses_external_services_and_secrets(rendered: dict[str, list[dict[str, Any]]]) -> None:
     objs = rendered["production"]
     assert by_kind(objs, "Secret") == {}  # credentials are created in the cluster, never in git
     images = {c["image"].split(":")[0] for _, _, c in _our_containers(objs)}
     assert all("postgres" not in i and "rabbitmq" not in i for i in images)
     assert set(by_kind(objs, "StatefulSet")) == {"unimedvl-node"}
-    assert by_kind(objs, "PersistentVolumeClaim")["unimedvl-storage"]["spec"]["accessModes"] == ["ReadWriteMany"]
     readme = (K8S / "README.md").read_text()
     refs = set()
     for _, pod, c in _our_containers(objs):
@@ -334,3 +358,129 @@ def test_keda_scales_each_worker_on_the_queues_it_consumes(rendered: dict[str, l
 def test_a_missing_tool_fails_the_test_instead_of_skipping_it() -> None:
     with pytest.raises(pytest.fail.Exception, match="run scripts/setup.sh"):
         venv_tool("no-such-deploy-tool")
+
+
+# ------------------------------------------------------------------ workers without the shared volume
+WORKERS = {"unimedvl-worker-gpu", "unimedvl-worker-understanding"}
+TOKEN_SECRET = {"name": "unimedvl-worker-token", "key": "token"}
+
+
+def _claims(pod: dict[str, Any]) -> set[str]:
+    return {v["persistentVolumeClaim"]["claimName"] for v in pod.get("volumes", []) if "persistentVolumeClaim" in v}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_node_storage_is_read_write_once_and_no_worker_mounts_it(
+    rendered: dict[str, list[dict[str, Any]]], overlay: str
+) -> None:
+    objs = rendered[overlay]
+    claim = by_kind(objs, "PersistentVolumeClaim")["unimedvl-storage"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    users = {n for n, w in workloads(objs).items() if "unimedvl-storage" in _claims(w["spec"]["template"]["spec"])}
+    assert users == {"unimedvl-node"}
+    workers = {n for n, _, c in _our_containers(objs) if c["args"][0] == "worker"}
+    assert workers == (WORKERS | {"unimedvl-worker-batch"} if overlay == "production" else WORKERS)
+    # no other claim is ReadWriteMany except the research batch outputs (autoscaling component)
+    pvcs = by_kind(objs, "PersistentVolumeClaim")
+    rwx = {n for n, pvc in pvcs.items() if "ReadWriteMany" in pvc["spec"]["accessModes"]}
+    assert rwx == ({"unimedvl-batch"} if overlay == "production" else set())
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_worker_reaches_the_node_service_with_the_token_secret(
+    rendered: dict[str, list[dict[str, Any]]], overlay: str, tmp_path: Path
+) -> None:
+    from urllib.parse import urlsplit
+
+    objs = rendered[overlay]
+    namespace = by_kind(objs, "Namespace")
+    (ns,) = namespace
+    services = by_kind(objs, "Service")
+    node = by_kind(objs, "StatefulSet")["unimedvl-node"]["spec"]["template"]
+    (node_c,) = [c for c in node["spec"]["containers"] if c["name"] == "node"]
+    _, node_params = _parse_cli(node_c["command"], node_c["args"])
+    node_settings, _ = _settings(objs, node["spec"], node_c, node_params, tmp_path)
+    assert not node_settings.worker.node_url  # the node itself is not a remote worker
+    node_ports = {p["name"]: p["containerPort"] for p in node_c["ports"]}
+    checked = 0
+    for name, pod, c in _our_containers(objs):
+        if c["args"][0] != "worker":
+            continue
+        env = {e["name"]: e for e in c["env"]}
+        assert env["UNIMEDVL_WORKER__NODE_TOKEN"]["valueFrom"]["secretKeyRef"] == TOKEN_SECRET, name
+        url = urlsplit(env["UNIMEDVL_WORKER__NODE_URL"]["value"])
+        assert url.scheme == "http" and url.path in ("", "/"), name
+        # SERVICE, SERVICE.NAMESPACE or SERVICE.NAMESPACE.svc[.cluster.local], in this namespace
+        host = (url.hostname or "").removesuffix(".cluster.local").removesuffix(".svc").split(".")
+        assert len(host) == 1 or host[1:] == [ns], (name, url.hostname)
+        svc = services[host[0]]
+        assert svc["metadata"]["namespace"] == ns
+        assert svc["spec"]["selector"].items() <= node["metadata"]["labels"].items(), "not the node's Service"
+        (port,) = [p for p in svc["spec"]["ports"] if p["port"] == url.port]
+        assert node_ports[port["targetPort"]] == node_settings.http.port
+        # the settings the container would load: remote mode, the same URL, the token
+        settings, _ = _settings(objs, pod, c, _parse_cli(c["command"], c["args"])[1], tmp_path)
+        assert settings.worker.node_url == url.geturl() and settings.worker.node_token
+        checked += 1
+    assert checked >= 2
+
+
+def _documented_token_commands() -> tuple[list[list[str]], list[str]]:
+    """From deploy/k8s/README.md "The worker token": the `unimedvl ...` commands run in the node
+    pod (after `kubectl ... exec ... --`) and the `kubectl create secret` line, split as a shell would."""
+    import shlex
+
+    readme = (K8S / "README.md").read_text()
+    section = readme.split("## The worker token", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```", 2)[1]
+    execs, secret = [], []
+    for line in block.splitlines():
+        words = shlex.split(line, comments=True)
+        if "exec" in words and "--" in words:
+            execs.append([*words[:-1], words[-1].removesuffix(")")])  # TOKEN=$(kubectl ... )
+        if "create" in words and "secret" in words:
+            secret = words
+    return execs, secret
+
+
+def test_documented_worker_token_commands_create_a_worker_token(
+    rendered: dict[str, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    """The README's commands, run through the real CLI on a local database, give one line: a
+    token of a worker-role user; the Secret they create is the one the workers read."""
+    from typer.testing import CliRunner
+
+    from dicom_node.cli import app
+    from dicom_node.console.auth import token_principal
+    from dicom_node.db import make_engine
+
+    execs, secret = _documented_token_commands()
+    assert len(execs) == 2 and secret, "the README's token block changed shape"
+    node = by_kind(rendered["production"], "StatefulSet")["unimedvl-node"]
+    config = _parse_cli(["unimedvl"], node["spec"]["template"]["spec"]["containers"][0]["args"])[1]["config"]
+    db = tmp_path / "index.db"
+    cfg = tmp_path / "unimedvl.toml"
+    cfg.write_text(f'[database]\nurl = "sqlite:///{db}"\n[storage]\npath = "{tmp_path / "s"}"\n')
+    outputs = []
+    for words in execs:
+        # the pod is the node StatefulSet's only pod; stdin goes in with -i where a password is piped
+        assert f"{node['metadata']['name']}-0" in words, words
+        args = words[words.index("--") + 1 :]
+        assert args[0] == "unimedvl"
+        _, params = _parse_cli(args[:1], args[1:])
+        assert str(params["config"]) == str(config)
+        local = [str(cfg) if a == str(config) else a for a in args[1:]]
+        stdin = "x" * 32 + "\n" if params.get("password_stdin") else None
+        if params.get("password_stdin"):
+            assert "-i" in words[: words.index("--")], "a piped password needs kubectl exec -i"
+        result = CliRunner().invoke(app, local, input=stdin)
+        assert result.exit_code == 0, result.output
+        outputs.append(result.stdout)
+    token = outputs[-1].strip()
+    assert "\n" not in token and token, outputs[-1]  # $(...) captures exactly the token
+    principal = token_principal(make_engine(f"sqlite:///{db}"), token)
+    assert principal is not None and principal.role == "worker"
+    # kubectl create secret generic unimedvl-worker-token --from-literal=token=...
+    assert secret[secret.index("generic") + 1] == TOKEN_SECRET["name"]
+    literal = next(w for w in secret if w.startswith("--from-literal="))
+    assert literal.removeprefix("--from-literal=").split("=", 1)[0] == TOKEN_SECRET["key"]
