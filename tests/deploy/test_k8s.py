@@ -384,6 +384,22 @@ def test_node_storage_is_read_write_once_and_no_worker_mounts_it(
     pvcs = by_kind(objs, "PersistentVolumeClaim")
     rwx = {n for n, pvc in pvcs.items() if "ReadWriteMany" in pvc["spec"]["accessModes"]}
     assert rwx == ({"unimedvl-batch"} if overlay == "production" else set())
+    if overlay == "production":
+        # a batch's --out folder (written by the batch workers, results.parquet by the driver in
+        # the node pod) is the same writable path on the same claim in both pods
+        at = {}
+        for name in ("unimedvl-node", "unimedvl-worker-batch"):
+            pod = workloads(objs)[name]["spec"]["template"]["spec"]
+            vol = next(
+                v["name"]
+                for v in pod["volumes"]
+                if v.get("persistentVolumeClaim", {}).get("claimName") == "unimedvl-batch"
+            )
+            (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == vol]
+            assert not mount.get("readOnly")
+            at[name] = mount["mountPath"]
+        assert len(set(at.values())) == 1, at
+        assert f"--out {at['unimedvl-node']}/" in (K8S / "README.md").read_text()
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
