@@ -472,6 +472,10 @@ def test_documented_worker_token_commands_create_a_worker_token(
 
     execs, secret = _documented_token_commands()
     assert len(execs) == 2 and secret, "the README's token block changed shape"
+    # the main README's Kubernetes subsection shows the same commands
+    block = (K8S / "README.md").read_text().split("## The worker token", 1)[1].split("```", 2)[1]
+    main = (REPO / "README.md").read_text().split("### Kubernetes", 1)[1]
+    assert [line for line in block.strip().splitlines() if line not in main] == []
     node = by_kind(rendered["production"], "StatefulSet")["unimedvl-node"]
     config = _parse_cli(["unimedvl"], node["spec"]["template"]["spec"]["containers"][0]["args"])[1]["config"]
     db = tmp_path / "index.db"
