@@ -500,6 +500,21 @@ def test_documented_worker_token_commands_create_a_worker_token(
     assert "\n" not in token and token, outputs[-1]  # $(...) captures exactly the token
     principal = token_principal(make_engine(f"sqlite:///{db}"), token)
     assert principal is not None and principal.role == "worker"
+    # the node's app lets this token retrieve (404: nothing stored) but not read console pages
+    from fastapi.testclient import TestClient
+
+    from dicom_node.api import create_app
+    from dicom_node.config import load_config
+
+    settings = load_config(cfg)
+    settings.broker.url = f"sqla+sqlite:///{tmp_path / 'broker.db'}"
+    settings.destinations = []
+    Path(settings.storage.path).mkdir()
+    client = TestClient(create_app(settings), follow_redirects=False)
+    bearer = {"Authorization": f"Bearer {token}"}
+    assert client.get("/dicomweb/studies/1.2.3/series/1.2.3.4", headers=bearer).status_code == 404
+    assert client.get("/dicomweb/studies/1.2.3/series/1.2.3.4").status_code == 401
+    assert client.get("/api/jobs", headers=bearer).status_code == 403
     # kubectl create secret generic unimedvl-worker-token --from-literal=token=...
     assert secret[secret.index("generic") + 1] == TOKEN_SECRET["name"]
     literal = next(w for w in secret if w.startswith("--from-literal="))
