@@ -1,7 +1,8 @@
 """deploy/k8s: every overlay renders with `kubectl kustomize`, every object validates against the
 Kubernetes schemas (kubernetes-validate, strict) or, for KEDA's CRDs, against KEDA's documented
 fields; and what the manifests say about the program (command, config, ports, probe paths,
-queues, storage path, metric names) is checked against the program itself."""
+queues, storage path, metric names, the workers' remote mode: node_url vs the node's Service,
+the token Secret, the README's token commands) is checked against the program itself."""
 
 from __future__ import annotations
 
