@@ -62,6 +62,7 @@ def _listener_process(settings: Settings, slot: int, shared: Any, ready: Any) ->
         if os.getppid() == 1:  # the supervisor died: do not linger as an orphan
             break
     listener.stop()
+    ingest.close()
     ingest.engine.dispose()
 
 
@@ -145,6 +146,7 @@ class Node:
         self._stopping.set()
         if self.listener is not None:
             self.listener.stop(grace_seconds)
+            self.listener.ingest.close()
             self.listener = None
         for p in self._procs:
             if p.is_alive():
