@@ -211,24 +211,31 @@ class Storage:
             fsync_s=t2 - t1,
         )
 
-    def place(self, src: Path | str, relpath: str) -> Path:
+    @staticmethod
+    def sync_file(path: Path | str) -> None:
+        """fdatasync of a file: its data and size are durable (other metadata, times, need not be)."""
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+
+    def place(self, src: Path | str, relpath: str, *, synced: bool = False) -> Path:
         """Make a received file (in `tmp/`, written by pynetdicom) the object `relpath`.
 
         fdatasync of the file, then an atomic rename into its shard directory; returns that
         directory, whose fsync (making the new entry durable) the caller does once per batch of
         objects before any row pointing at them commits (dicom_node/group_commit.py). A file on
         another filesystem is copied into `tmp/` first (kernel-side copy, bounded memory).
-        The file is gone from `src` afterwards, whatever the outcome.
+        The file is gone from `src` afterwards, whatever the outcome. `synced`: the caller did
+        the `sync_file` already (beside its checks).
         """
         if not _ALLOCATED.fullmatch(relpath):
             raise ValueError("relpath was not allocated by this storage")
         src = Path(src)
         final = self.root / relpath
-        fd = os.open(src, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        try:
-            os.fdatasync(fd)  # data and size; other metadata (times) need not be durable
-        finally:
-            os.close(fd)
+        if not synced:
+            self.sync_file(src)
         try:
             os.replace(src, final)
         except OSError as exc:
@@ -238,11 +245,7 @@ class Storage:
             tmp = self.tmp_dir / f"{final.stem}.tmp"
             try:
                 shutil.copyfile(src, tmp)
-                fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-                try:
-                    os.fdatasync(fd)
-                finally:
-                    os.close(fd)
+                self.sync_file(tmp)
                 os.replace(tmp, final)
             except BaseException:
                 tmp.unlink(missing_ok=True)
