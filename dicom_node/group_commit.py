@@ -62,6 +62,10 @@ class CommitStats:
     largest: int = 0
     dir_fsyncs: int = 0
 
+    @property
+    def rows_per_batch(self) -> float:
+        return self.items / self.batches if self.batches else 0.0
+
 
 class GroupCommit:
     def __init__(

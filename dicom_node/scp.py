@@ -414,6 +414,8 @@ class Listener:
                     write_s=round(stats.write_s, 4),
                     fsync_s=round(stats.fsync_s, 4),
                     index_s=round(stats.index_s, 4),
+                    # group commit so far (this process): rows per index transaction
+                    commit_rows_per_batch=round(self.ingest.committer.stats.rows_per_batch, 2),
                 ),
             )
 
