@@ -94,6 +94,7 @@ class Node:
             self.listener = Listener(self.settings, ingest)
             self.listener.start()
         else:
+            ingest.close()  # the listener processes have their own
             for slot in range(n):
                 self._procs.append(self._spawn(slot))
             self._supervisor = threading.Thread(target=self._supervise, name="listener-supervisor", daemon=True)
