@@ -131,3 +131,16 @@ def test_failed_storage_write_is_refused_and_indexes_nothing(
         assert [r.reason for r in s.exec(select(Rejection)).all()] == ["storage_error"]
     assert [p for p in (root / "objects").rglob("*") if p.is_file()] == []
     assert store(node.port, [make_ct()])[0].Status == 0  # and it recovers
+
+
+def test_received_files_land_in_the_storage_tmp_folder(make_settings: Any, start_node: Any, tmp_path: Path) -> None:
+    """While a listener runs, pynetdicom's chunked receive writes into storage/tmp/ (same
+    filesystem as objects/: a rename, not a copy); the previous temp folder comes back at stop."""
+    import tempfile
+
+    before = tempfile.gettempdir()
+    node = start_node(make_settings(f"sqlite:///{tmp_path / 'i.db'}"), completion=False)
+    assert Path(tempfile.gettempdir()) == (tmp_path / "storage" / "tmp").resolve()
+    assert store(node.port, [make_ct()])[0].Status == 0
+    node.stop(1)
+    assert tempfile.gettempdir() == before
