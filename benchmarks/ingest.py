@@ -109,7 +109,9 @@ def _node_exe() -> list[str]:
     return [sys.executable, "-m", "dicom_node.cli"]
 
 
-def node_config(workdir: Path, port: int, *, listeners: int | None = None) -> str:
+def node_config(
+    workdir: Path, port: int, *, listeners: int | None = None, node_keys: dict[str, int] | None = None
+) -> str:
     """A private node config: storage and SQLite index under `workdir`, loopback only."""
     lines = [
         "rules = []  # ingest only: no model jobs are planned",
@@ -120,6 +122,7 @@ def node_config(workdir: Path, port: int, *, listeners: int | None = None) -> st
     ]
     if listeners is not None:
         lines.append(f"listeners = {listeners}")
+    lines += [f"{k} = {v}" for k, v in (node_keys or {}).items()]
     lines += [
         "[storage]",
         f'path = "{workdir / "storage"}"',
@@ -153,6 +156,7 @@ class NodeProcess:
         wrap: list[str] | None = None,
         env: dict[str, str] | None = None,
         startup_timeout: float = 60.0,
+        node_keys: dict[str, int] | None = None,
     ) -> None:
         self.workdir = workdir
         self.port = free_port()
@@ -162,6 +166,7 @@ class NodeProcess:
         self.wrap = wrap or []
         self.extra_env = env or {}
         self.startup_timeout = startup_timeout
+        self.node_keys = node_keys
         self.log_path = workdir / "node.log"
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: Any = None
@@ -169,7 +174,7 @@ class NodeProcess:
     def start(self) -> NodeProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         cfg = self.workdir / "unimedvl.toml"
-        cfg.write_text(node_config(self.workdir, self.port, listeners=self.listeners))
+        cfg.write_text(node_config(self.workdir, self.port, listeners=self.listeners, node_keys=self.node_keys))
         env = peer_env()
         env.update(self.extra_env)
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
@@ -341,10 +346,11 @@ def run_once(
 def node_split(log_path: Path) -> dict[str, float]:
     """Per-instance ms by stage over the timed associations (those that stored 2+ instances).
 
-    handler: our C-STORE handler in all; inside it write (bytes + hash), fsync (file, rename,
-    directory) run on a writer thread beside the parse, and index is the transaction including
-    its wait for that write. transport: association time outside the handler (pynetdicom's PDU
-    reading, DIMSE decoding, reactor hand-offs, the sender's own time).
+    handler: our C-STORE handler in all; inside it write (reading back, hashing and checking the
+    file pynetdicom wrote while the data set arrived), fsync (its fdatasync and rename), and index
+    (the wait for the group commit of its row, the batch's directory fsync included). transport:
+    association time outside the handler (pynetdicom's PDU reading and writing the received file,
+    DIMSE decoding, reactor hand-offs, the sender's own time).
     """
     sums = {"seconds": 0.0, "handler_s": 0.0, "write_s": 0.0, "fsync_s": 0.0, "index_s": 0.0}
     stored = 0

@@ -1,9 +1,12 @@
 """Receive one instance: check, parse the routing tags, store the bytes durably, index them.
 
-`Ingest.receive()` is called from the C-STORE handler with the raw bytes as received (never a
-decoded and re-encoded dataset). Order: size cap and free disk -> parse tags -> write temp,
-fsync, atomic rename -> commit the index row -> success. Every refusal is a `Refused` with a
-DIMSE status, a short ErrorComment and a reason recorded in the rejection log.
+`Ingest.receive_file()` is called from the C-STORE handler with the Part 10 file pynetdicom
+wrote while the data set arrived (`STORE_RECV_CHUNKED_DATASET`: the bytes as received, never
+decoded and re-encoded, never whole in memory). Order: size cap and free disk -> walk, hash,
+parse tags from the file -> fdatasync, atomic rename into `objects/` -> group commit of the
+index row (dicom_node/group_commit.py, after one directory fsync per batch) -> success. Every
+refusal is a `Refused` with a DIMSE status (PS3.4 B.2.3), a short ErrorComment and a reason
+recorded in the rejection log.
 """
 
 from __future__ import annotations
@@ -12,25 +15,28 @@ import contextlib
 import fcntl
 import hashlib
 import logging
+import mmap
 import os
 import re
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from io import BytesIO
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO
 
 from pydicom import dcmread
 from pydicom.tag import Tag
 from sqlalchemy import BigInteger, Integer, and_, bindparam, false, func, insert, select, update
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlmodel import Session, UTCDateTime
 
 from dicom_node.dataset_check import Incomplete, Walked, check_pixel_length, walk_elements
+from dicom_node.group_commit import GroupCommit
 from dicom_node.logs import kv
 from dicom_node.models import (
     COMPLETE,
@@ -46,7 +52,7 @@ from dicom_node.models import (
     StudyRevision,
 )
 from dicom_node.sop_classes import is_image_storage
-from dicom_node.storage import Storage, StorageFull, StoredObject
+from dicom_node.storage import Storage, StorageFull
 
 log = logging.getLogger("dicom_node.ingest")
 
@@ -115,9 +121,6 @@ _TOUCH_STUDY = (
         instance_count=STUDIES.c.instance_count + bindparam("p_inc", type_=Integer()),
     )
 )
-
-# Threads writing objects to disk; each spends most of its time in fsync (GIL released).
-WRITER_THREADS = 16
 
 # DIMSE C-STORE statuses (PS3.4 B.2.3)
 SUCCESS = 0x0000
@@ -209,8 +212,10 @@ class Outcome:
     revision: int
     size: int
     sha256: str
-    # Where the time went (seconds): bytes written, fsyncs (file, rename, directory), and the
-    # index transaction including its wait for the write. Write and fsync overlap the parse.
+    # Where the time went in our handler (seconds): reading back, hashing and checking the file
+    # pynetdicom wrote (write_s), the rest of its fdatasync (started beside the checks) and its
+    # rename (fsync_s), and the wait for the group commit of its row, the batch's directory
+    # fsync included (index_s).
     write_s: float = 0.0
     fsync_s: float = 0.0
     index_s: float = 0.0
@@ -270,8 +275,14 @@ def _uid(ds: Any, keyword: str, *, required: bool = True) -> str:
 
 def parse_tags(preamble_and_meta: bytes, dataset: bytes) -> Tags:
     """Read only the routing tags (no pixel data) from the encoded bytes."""
+    return parse_tags_from(BytesIO(preamble_and_meta + dataset))
+
+
+def parse_tags_from(fp: BinaryIO) -> Tags:
+    """Read only the routing tags from a Part 10 stream: pydicom seeks past every other value
+    and stops before Pixel Data, so a file of any size costs a few reads."""
     try:
-        ds = dcmread(BytesIO(preamble_and_meta + dataset), stop_before_pixels=True, specific_tags=_SPECIFIC)
+        ds = dcmread(fp, stop_before_pixels=True, specific_tags=_SPECIFIC)
         present = {k for k in _TAGS if k in ds}
         _ = {k: ds.get(k) for k in present}  # decode now: lazy decoding errors surface here
     except Exception as exc:
@@ -321,7 +332,7 @@ def _count(ds: Any, present: set[str]) -> int | None:
     return n if n is not None and n >= 1 else None
 
 
-def check_encoding(dataset: bytes, transfer_syntax_uid: str) -> Walked | None:
+def check_encoding(dataset: bytes | memoryview, transfer_syntax_uid: str) -> Walked | None:
     """0xC000 unless the encoding reaches its end (no truncated element, no missing delimiter).
 
     Runs before the tags are read: a cut-off data set is reported as such, not as a missing UID.
@@ -360,6 +371,56 @@ def _part10_head_length(data: bytes) -> int:
     if len(data) < 144 or data[128:132] != b"DICM" or data[132:136] != b"\x02\x00\x00\x00":
         raise Refused(CANNOT_UNDERSTAND, "Not a DICOM Part 10 file", "unparsable", "no DICM prefix / group length")
     return 144 + int.from_bytes(data[140:144], "little")
+
+
+SYNC_THREADS = 16  # fdatasyncs of received files in flight at once (one per association at most)
+
+# Up to this size a received file is read into memory once (one read, hashed and walked there);
+# larger ones are hashed in chunks and walked through a read-only map (only headers are touched).
+IN_MEMORY_MAX = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Checked:
+    tags: Tags
+    sha256: str
+
+
+@dataclass(frozen=True)
+class _IndexItem:
+    tags: Tags
+    relpath: str
+    sha256: str
+    size: int
+    transfer_syntax_uid: str
+    peer: Peer
+
+
+def check_file(path: Path, size: int, transfer_syntax_uid: str) -> Checked:
+    """The checks of a received or found Part 10 file, in their order: the encoding reaches its
+    end (0xC000), the routing tags parse and their UIDs are valid (0xC000/0xC001/0xC002), the
+    pixels match the SOP class and attributes (0xA900); with its sha256. Memory stays bounded."""
+    with open(path, "rb") as fh:
+        if size <= IN_MEMORY_MAX:
+            data = fh.read()
+            head_len = _part10_head_length(data)
+            sha = hashlib.sha256(data).hexdigest()
+            walked = check_encoding(memoryview(data)[head_len:], transfer_syntax_uid)
+            tags = parse_tags_from(BytesIO(data))
+        else:
+            head_len = _part10_head_length(fh.read(144))
+            fh.seek(0)
+            sha = hashlib.file_digest(fh, "sha256").hexdigest()  # chunked, GIL released
+            mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            try:
+                walked = check_encoding(memoryview(mapped)[head_len:], transfer_syntax_uid)
+            finally:
+                with contextlib.suppress(BufferError):  # a traceback still holds a view: GC closes it
+                    mapped.close()
+            fh.seek(0)
+            tags = parse_tags_from(fh)
+    check_pixels(walked, transfer_syntax_uid, tags)
+    return Checked(tags, sha)
 
 
 def _now() -> datetime:
@@ -413,7 +474,9 @@ class _SQLiteWriterQueue:
 
 
 class Ingest:
-    """Stores and indexes received instances; thread-safe (one DB transaction per instance)."""
+    """Stores and indexes received instances; thread-safe. Index rows commit in groups
+    (dicom_node/group_commit.py): one transaction for the instances of every association that
+    arrived while the previous one committed."""
 
     def __init__(
         self,
@@ -423,6 +486,7 @@ class Ingest:
         max_instance_bytes: int,
         duplicate_policy: str = "keep_first",
         log_phi: bool = False,
+        commit_window_s: float = 0.0,
     ) -> None:
         self.engine = engine
         self.storage = storage
@@ -433,14 +497,21 @@ class Ingest:
         self._ids: dict[tuple[str, str], int] = {}
         # SQLite has one writer at a time, and a writer that finds the database locked sleeps in
         # SQLite's busy handler (1, 2, 5, 10 ... 100 ms back-off) instead of being woken when the
-        # lock frees: with 8 associations that back-off, not the work, set the pace. Queueing the
-        # index transactions (of this process's threads, and of every listener process) hands the
-        # database over at once. Other writers (completion monitor, CLI) still meet busy_timeout.
-        self._write_lock: _SQLiteWriterQueue | contextlib.nullcontext[None] = (
+        # lock frees: queueing the index transactions of every listener process hands the database
+        # over at once. Other writers (completion monitor, CLI) still meet busy_timeout.
+        write_lock: _SQLiteWriterQueue | contextlib.nullcontext[None] = (
             _SQLiteWriterQueue(engine.url.database) if engine.dialect.name == "sqlite" else contextlib.nullcontext()
         )
-        # Storage writes run here, beside the parse and the index statements of the same instance.
-        self._writer = ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="storage-write")
+        self.committer = GroupCommit(
+            engine, self._apply, lock=write_lock, on_commit=self._remember_ids, window_s=commit_window_s
+        )
+        # fdatasync of a received file runs here, beside its checks (both mostly outside the GIL).
+        self._syncer = ThreadPoolExecutor(max_workers=SYNC_THREADS, thread_name_prefix="storage-sync")
+
+    def close(self) -> None:
+        """Stop the committer thread (after the listener stopped)."""
+        self.committer.close()
+        self._syncer.shutdown(wait=False)
 
     # ------------------------------------------------------------------ public
 
@@ -454,8 +525,44 @@ class Ingest:
         affected_sop_class_uid: str | None = None,
         affected_sop_instance_uid: str | None = None,
     ) -> Outcome:
-        """`head` = preamble + 'DICM' + encoded file meta, `dataset` = the data set as received."""
-        size = len(head) + len(dataset)
+        """`head` = preamble + 'DICM' + encoded file meta, `dataset` = the data set as received.
+
+        For callers holding the bytes (tests, tools): written to the storage's temp folder,
+        then `receive_file`.
+        """
+        tmp = self.storage.tmp_dir / f"{uuid.uuid4().hex}.rcv"
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(head)
+                fh.write(dataset)
+            return self.receive_file(
+                tmp,
+                peer,
+                transfer_syntax_uid=transfer_syntax_uid,
+                affected_sop_class_uid=affected_sop_class_uid,
+                affected_sop_instance_uid=affected_sop_instance_uid,
+            )
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def receive_file(
+        self,
+        path: Path,
+        peer: Peer,
+        *,
+        transfer_syntax_uid: str,
+        affected_sop_class_uid: str | None = None,
+        affected_sop_instance_uid: str | None = None,
+    ) -> Outcome:
+        """Check, store and index a received Part 10 file (pynetdicom's chunked receive writes it).
+
+        Order: size cap and free disk -> walk the encoding, hash, read the routing tags (from the
+        file: memory stays bounded for any size) -> fdatasync the file and rename it into
+        `objects/` (the file moves: on success the path no longer exists) -> group commit of the
+        index row, after one fsync of the object's directory per batch -> success.
+        """
+        t0 = time.perf_counter()
+        size = os.stat(path).st_size
         if size > self.max_instance_bytes:
             raise Refused(
                 OUT_OF_RESOURCES,
@@ -464,54 +571,56 @@ class Ingest:
                 f"{size} B > max_instance_bytes {self.max_instance_bytes} B",
             )
         try:
-            self.storage.check_free(size)
+            self.storage.check_free(0)
         except StorageFull as exc:
             raise Refused(OUT_OF_RESOURCES, "Storage below min_free_bytes", "disk_full", str(exc)) from exc
-        # The bytes go to disk (write + two fsyncs, GIL released) on a writer thread while this
-        # thread parses the tags and prepares the index transaction; the commit waits for them.
-        relpath = self.storage.allocate()
-        pending = self._writer.submit(self.storage.write, (head, dataset), relpath=relpath)
+        synced = self._syncer.submit(self.storage.sync_file, path)
         try:
-            # Hash first: hashlib releases the GIL on large buffers, which lets the writer thread
-            # start at once instead of waiting for the pure-Python parse to yield the GIL. (The
-            # writer hashes the same bytes on the other core; the digests are compared below.)
-            digest = hashlib.sha256(head)
-            digest.update(dataset)
-            sha = digest.hexdigest()
-            walked = check_encoding(dataset, transfer_syntax_uid)
-            tags = parse_tags(head, dataset)
-            check_pixels(walked, transfer_syntax_uid, tags)
+            checked = check_file(path, size, transfer_syntax_uid)
+            tags = checked.tags
             if affected_sop_class_uid and tags.sop_class_uid != str(affected_sop_class_uid):
                 raise Refused(DATASET_MISMATCH, "SOPClassUID differs from the request", "sop_class_mismatch")
             if affected_sop_instance_uid and tags.sop_instance_uid != str(affected_sop_instance_uid):
                 raise Refused(DATASET_MISMATCH, "SOPInstanceUID differs from the request", "sop_instance_mismatch")
-            # Identical re-sends are recognised inside the index transaction (and their copy removed):
-            # a separate look-up first would cost every new instance an extra round trip.
-            t_index = time.perf_counter()
-            outcome, drop_relpath = self._index(tags, relpath, sha, size, transfer_syntax_uid, peer, pending)
-            outcome = replace(
-                outcome, study_instance_uid=tags.study_instance_uid, series_instance_uid=tags.series_instance_uid
+        except BaseException:
+            synced.cancel()
+            raise
+        t1 = time.perf_counter()
+        relpath = self.storage.allocate()
+        try:
+            synced.result()
+            placed = self.storage.place(path, relpath, synced=True)
+        except StorageFull as exc:
+            raise Refused(OUT_OF_RESOURCES, "Storage below min_free_bytes", "disk_full", str(exc)) from exc
+        except OSError as exc:
+            raise Refused(OUT_OF_RESOURCES, "Storage write failed", "storage_error", f"{type(exc).__name__}") from exc
+        t2 = time.perf_counter()
+        try:
+            # Identical re-sends are recognised inside the index transaction (and their copy removed).
+            outcome, drop_relpath = self.committer.submit(
+                _IndexItem(tags, relpath, checked.sha256, size, transfer_syntax_uid, peer), placed
             )
-            if pending.done() and pending.exception() is None:
-                stored = pending.result()
-                outcome = replace(
-                    outcome,
-                    write_s=stored.write_s,
-                    fsync_s=stored.fsync_s,
-                    index_s=time.perf_counter() - t_index,
-                )
         except BaseException:
             # Not acknowledged, so not kept: the sender will retry.
-            self._discard(pending, relpath)
+            self.storage.remove(relpath)
             raise
+        t3 = time.perf_counter()
         if drop_relpath:
             self.storage.remove(drop_relpath)
+        outcome = replace(
+            outcome,
+            write_s=t1 - t0,
+            fsync_s=t2 - t1,
+            index_s=t3 - t2,
+            study_instance_uid=tags.study_instance_uid,
+            series_instance_uid=tags.series_instance_uid,
+        )
         fields: dict[str, Any] = {
             "instance": outcome.instance_pk,
             "action": outcome.action,
             "revision": outcome.revision,
             "bytes": size,
-            "sha256": sha[:16],
+            "sha256": checked.sha256[:16],
             "calling_ae": peer.calling_ae,
             "remote_ip": peer.remote_ip,
         }
@@ -525,20 +634,18 @@ class Ingest:
         """Index an object already in storage (start-up reconciliation), after the same checks
         as a received one. Raises Refused (with the reason) if it is not a complete instance."""
         path = self.storage.path(relpath)
-        data = path.read_bytes()
-        head_len = _part10_head_length(data)
-        head, dataset = data[:head_len], data[head_len:]
-        try:
-            ts_uid = str(dcmread(BytesIO(head), stop_before_pixels=True).file_meta.TransferSyntaxUID)
-        except Exception as exc:
-            raise Refused(CANNOT_UNDERSTAND, "File Meta cannot be read", "unparsable", type(exc).__name__) from exc
-        walked = check_encoding(dataset, ts_uid)
-        tags = parse_tags(head, dataset)
-        check_pixels(walked, ts_uid, tags)
-        sha = hashlib.sha256(data).hexdigest()
-        done: Future[StoredObject] = Future()
-        done.set_result(StoredObject(relpath=relpath, sha256=sha, size=len(data)))
-        outcome, drop = self._index(tags, relpath, sha, len(data), ts_uid, peer, done)
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(144)
+            head_len = _part10_head_length(head)
+            fh.seek(0)
+            try:
+                meta = dcmread(BytesIO(fh.read(head_len)), stop_before_pixels=True).file_meta
+                ts_uid = str(meta.TransferSyntaxUID)
+            except Exception as exc:
+                raise Refused(CANNOT_UNDERSTAND, "File Meta cannot be read", "unparsable", type(exc).__name__) from exc
+        checked = check_file(path, size, ts_uid)
+        outcome, drop = self.committer.submit(_IndexItem(checked.tags, relpath, checked.sha256, size, ts_uid, peer))
         if drop:  # an identical copy is indexed already
             self.storage.remove(drop)
         return outcome
@@ -565,62 +672,16 @@ class Ingest:
 
     # ------------------------------------------------------------------ internals
 
-    def _discard(self, pending: Future[StoredObject], relpath: str) -> None:
-        """Wait for an unacknowledged write to end, then remove its object (if it got that far)."""
-        try:
-            pending.result()
-        except BaseException:  # the write cleaned up after itself
-            return
-        self.storage.remove(relpath)
+    def _apply(self, conn: Connection, created: dict[Any, Any], item: _IndexItem) -> tuple[Outcome, str | None]:
+        return self._index_tx(
+            conn, created, item.tags, item.relpath, item.sha256, item.size, item.transfer_syntax_uid, item.peer
+        )
 
-    @staticmethod
-    def _stored(pending: Future[StoredObject], sha: str) -> StoredObject:
-        """The finished write, as a Refused if it failed."""
-        try:
-            stored = pending.result()
-        except StorageFull as exc:
-            raise Refused(OUT_OF_RESOURCES, "Storage below min_free_bytes", "disk_full", str(exc)) from exc
-        except OSError as exc:
-            raise Refused(OUT_OF_RESOURCES, "Storage write failed", "storage_error", f"{type(exc).__name__}") from exc
-        if stored.sha256 != sha:  # both hashed the same bytes: anything else is a bug or bad memory
-            raise Refused(PROCESSING_FAILURE, "Stored bytes differ from received", "storage_error", "sha256 mismatch")
-        return stored
-
-    def _index(
-        self,
-        tags: Tags,
-        relpath: str,
-        sha: str,
-        size: int,
-        ts_uid: str,
-        peer: Peer,
-        pending: Future[StoredObject],
-    ) -> tuple[Outcome, str | None]:
-        if isinstance(self._write_lock, _SQLiteWriterQueue) and self._write_lock.busy():
-            # Another association holds SQLite: wait for our bytes outside its queue, so the lock is
-            # held only for work that cannot overlap.
-            self._stored(pending, sha)
-        for attempt in range(4):
-            created: dict[tuple[str, str], int] = {}
-            try:
-                with self._write_lock, self.engine.begin() as conn:
-                    result = self._index_tx(conn, created, tags, relpath, sha, size, ts_uid, peer)
-                    # Durability order: the object (data + directory entry) is on disk before the
-                    # row that points at it commits; the C-STORE is acknowledged after both.
-                    self._stored(pending, sha)
-            except (IntegrityError, OperationalError) as exc:
-                # A concurrent writer inserted the same patient/study/series/instance first, or
-                # PostgreSQL picked us as a deadlock victim: the retry sees its committed row.
-                if attempt == 3:
-                    raise
-                log.info("index retry", extra=kv(attempt=attempt + 1, error=type(exc).__name__))
-                continue
-            # Cache ids only once committed: a rolled-back insert must not leave a dangling id.
-            if len(self._ids) > 100_000:
-                self._ids.clear()
-            self._ids.update(created)
-            return result
-        raise AssertionError("unreachable")
+    def _remember_ids(self, created: dict[Any, Any]) -> None:
+        # Cache ids only once committed: a rolled-back insert must not leave a dangling id.
+        if len(self._ids) > 100_000:
+            self._ids.clear()
+        self._ids.update(created)
 
     def _get_or_create(
         self,
@@ -636,7 +697,7 @@ class Ingest:
         Patient, study and series rows are never deleted by the node, so a cached id stays valid.
         """
         cache_key = (table.name, key)
-        pk = self._ids.get(cache_key)
+        pk = self._ids.get(cache_key) or created.get(cache_key)
         if pk is not None:
             return pk
         conn.execute(

@@ -62,6 +62,7 @@ def _listener_process(settings: Settings, slot: int, shared: Any, ready: Any) ->
         if os.getppid() == 1:  # the supervisor died: do not linger as an orphan
             break
     listener.stop()
+    ingest.close()
     ingest.engine.dispose()
 
 
@@ -94,6 +95,7 @@ class Node:
             self.listener = Listener(self.settings, ingest, wake_completion=wake)
             self.listener.start()
         else:
+            ingest.close()  # the listener processes have their own
             for slot in range(n):
                 self._procs.append(self._spawn(slot))
             self._supervisor = threading.Thread(target=self._supervise, name="listener-supervisor", daemon=True)
@@ -146,6 +148,7 @@ class Node:
         self._stopping.set()
         if self.listener is not None:
             self.listener.stop(grace_seconds)
+            self.listener.ingest.close()
             self.listener = None
         for p in self._procs:
             if p.is_alive():

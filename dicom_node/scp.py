@@ -15,7 +15,10 @@ around it:
   client on the TLS port cannot stall the accept loop;
 - SO_REUSEPORT when several listener processes share one port;
 - refused presentation contexts recorded in the rejection log with calling AE and SOP class;
-- the C-STORE handler that hands the raw received bytes to `Ingest` (no decode/re-encode);
+- the C-STORE handler that hands the file pynetdicom wrote as the data set arrived
+  (`STORE_RECV_CHUNKED_DATASET`, in the storage's `tmp/` folder) to `Ingest` (no decode or
+  re-encode, memory bounded by the PDU size whatever the instance size); a data set the guard
+  cut at `max_instance_bytes` while it arrived is answered 0xA700 with an Error Comment;
 - the Modality Performed Procedure Step SCP (N-CREATE / N-SET, PS3.4 Annex F) in
   dicom_node/mpps.py, when `completion.mpps` is on, and the series count queries to a
   sending PACS (dicom_node/count_query.py, `completion.count_sources`).
@@ -28,6 +31,7 @@ import logging
 import socket
 import socketserver
 import ssl
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -35,8 +39,6 @@ from typing import Any
 
 from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_file_meta_info
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, DEFAULT_TRANSFER_SYNTAXES, _config, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.service_class import StorageServiceClass
@@ -61,12 +63,11 @@ from dicom_node.ingest import (
 )
 from dicom_node.logs import kv
 from dicom_node.mpps import MPPS_SOP_CLASS, MppsStore
+from dicom_node.periodic import Periodic
 from dicom_node.sop_classes import storable, storage_keyword, storage_sop_classes
-from dicom_node.transport_guard import AssociateRequest, ConnectionGuard
+from dicom_node.transport_guard import MISSING_UID_MARK, AssociateRequest, ConnectionGuard
 
 log = logging.getLogger("dicom_node.scp")
-
-PREAMBLE = b"\x00" * 128 + b"DICM"
 
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4
 RJ_NO_REASON = (0x01, 0x01, 0x01)
@@ -227,8 +228,7 @@ class Listener:
         self._threads: list[threading.Thread] = []
         self._stats: dict[int, _AssocStats] = {}
         self._stats_lock = threading.Lock()
-        self._arriving: dict[int, int] = {}  # association -> data set bytes of the message arriving
-        self._abort_bytes = settings.node.max_instance_bytes + OVERSIZE_MARGIN
+        self._sweeper: Periodic | None = None
         self.ae = self._build_ae()
         self.policy = AccessPolicy(settings, self._on_policy_reject)
         node = settings.node
@@ -239,6 +239,7 @@ class Listener:
             max_per_host=node.max_connections_per_host,
             policy=self._check_request,
             on_refuse=self._on_guard_refuse,
+            max_dataset_bytes=node.max_instance_bytes,
         )
 
     # ------------------------------------------------------------------ setup
@@ -273,7 +274,6 @@ class Listener:
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_CONN_CLOSE, self._on_close),
             (evt.EVT_DIMSE_RECV, self._on_dimse_recv),
-            (evt.EVT_DATA_RECV, self._on_data_recv),
         ]
 
     def _make_server(self, port: int, ssl_context: ssl.SSLContext | None) -> GatewayServer:
@@ -295,6 +295,9 @@ class Listener:
 
     def start(self) -> None:
         configure_dicom_libraries(accept_private=self.settings.node.accept_private_sop_classes)
+        _TEMP_DIRS.claim(self, self.ingest.storage.tmp_dir)
+        self._sweeper = Periodic("temp-sweeper", self.sweep_temp, lambda: TEMP_SWEEP_INTERVAL_S, log)
+        self._sweeper.start()
         node = self.settings.node
         self.guard.start()
         self.servers.append(self._make_server(node.port, None))
@@ -330,6 +333,18 @@ class Listener:
         self.guard.stop()
         if self.counts is not None:
             self.counts.stop()
+        _TEMP_DIRS.release(self)
+        if self._sweeper is not None:
+            self._sweeper.stop()
+            self._sweeper = None
+
+    def sweep_temp(self, older_than_s: float | None = None) -> int:
+        """Remove received files left in the storage's `tmp/` (see Storage.sweep_stale_temp)."""
+        age = STALE_TEMP_S if older_than_s is None else older_than_s
+        removed = self.ingest.storage.sweep_stale_temp(age)
+        if removed:
+            log.info("stale temp files removed", extra=kv(count=removed))
+        return removed
 
     # ------------------------------------------------------------------ events
 
@@ -402,7 +417,6 @@ class Listener:
     def _on_close(self, event: Any) -> None:
         key = id(event.assoc)
         self.active.discard(key)
-        self._arriving.pop(key, None)
         with self._stats_lock:
             stats = self._stats.pop(key, None)
         if stats is not None:
@@ -419,44 +433,10 @@ class Listener:
                     write_s=round(stats.write_s, 4),
                     fsync_s=round(stats.fsync_s, 4),
                     index_s=round(stats.index_s, 4),
+                    # group commit so far (this process): rows per index transaction
+                    commit_rows_per_batch=round(self.ingest.committer.stats.rows_per_batch, 2),
                 ),
             )
-
-    def _on_data_recv(self, event: Any) -> None:
-        """Count each C-STORE data set's bytes as its P-DATA PDUs arrive (PS3.8 9.3.5: PDV items of
-        4-byte length, context ID, control header) and abort the association once one runs
-        OVERSIZE_MARGIN past max_instance_bytes: pynetdicom assembles a data set in memory, so
-        without this a peer decides how much we hold. Just over the cap it still gets 0xA700."""
-        data = event.data
-        if not data or data[0] != 0x04:
-            return
-        key = id(event.assoc)
-        count = self._arriving.get(key, 0)
-        at, end = 6, len(data)
-        while at + 6 <= end:
-            length = int.from_bytes(data[at : at + 4], "big")
-            control = data[at + 5]
-            if control & 1:  # command fragment: a new message starts
-                count = 0
-            else:
-                count += max(length - 2, 0)
-                if control & 2:  # last fragment of the data set
-                    count = 0 if count <= self._abort_bytes else count
-            at += 4 + length
-        self._arriving[key] = count
-        if count > self._abort_bytes:
-            self._arriving[key] = 0
-            record_rejection(
-                self.ingest.engine,
-                stage="store",
-                reason="too_large",
-                detail=f"data set passed {count} B while arriving (cap {self.ingest.max_instance_bytes} B)",
-                status=OUT_OF_RESOURCES,
-                peer=self._peer(event.assoc),
-            )
-            sock = getattr(event.assoc.dul.socket, "socket", None)
-            if hasattr(sock, "abort_now"):
-                sock.abort_now()
 
     def _on_dimse_recv(self, event: Any) -> None:
         """Answer a C-STORE-RQ that pynetdicom would drop without a response.
@@ -531,16 +511,19 @@ class Listener:
                     "sop_class_not_supported",
                     "not a storage SOP class of PS3.6 (private classes need node.accept_private_sop_classes)",
                 )
-            meta = event.file_meta
-            buf = DicomBytesIO()
-            write_file_meta_info(buf, meta, enforce_standard=True)
-            head = PREAMBLE + buf.getvalue()
-            dataset = event.encoded_dataset(include_meta=False)
-            outcome = self.ingest.receive(
-                head,
-                dataset,
+            cut = _take_oversize(assoc)
+            if cut:
+                raise Refused(
+                    OUT_OF_RESOURCES,
+                    "Instance larger than max_instance_bytes",
+                    "too_large",
+                    f"data set of {cut} B > max_instance_bytes {self.ingest.max_instance_bytes} B,"
+                    " discarded while it arrived",
+                )
+            outcome = self.ingest.receive_file(
+                event.dataset_path,
                 peer,
-                transfer_syntax_uid=str(meta.TransferSyntaxUID),
+                transfer_syntax_uid=str(event.context.transfer_syntax),
                 affected_sop_class_uid=request.AffectedSOPClassUID,
                 affected_sop_instance_uid=request.AffectedSOPInstanceUID,
             )
@@ -585,9 +568,44 @@ class Listener:
         return outcome.status
 
 
-# Bytes past max_instance_bytes at which an arriving data set ends its association (A-ABORT);
-# below it the instance is buffered (bounded) and refused with 0xA700 once complete.
-OVERSIZE_MARGIN = 16 * 1024 * 1024
+# A received file in tmp/ untouched this long is a leftover (its transfer writes every PDU).
+STALE_TEMP_S = 900.0
+TEMP_SWEEP_INTERVAL_S = 300.0
+
+
+def _take_oversize(assoc: Any) -> int:
+    """Bytes of this association's last data set that the guard cut at the cap (0: none)."""
+    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+    take = getattr(sock, "take_oversize", None)
+    return int(take()) if take is not None else 0
+
+
+class _TempDirs:
+    """Where pynetdicom's chunked receive writes: `tempfile.tempdir` (the documented default of
+    `NamedTemporaryFile`, which pynetdicom calls without a folder) set to the storage's `tmp/`
+    while a listener runs, so a received file is renamed into `objects/` on the same filesystem
+    (no copy) and a crash's leftovers are swept at start-up. The newest running listener's folder
+    wins; the value before the first claim comes back when the last listener stops."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._claims: list[tuple[int, str]] = []
+        self._before: str | None = None
+
+    def claim(self, owner: object, folder: Any) -> None:
+        with self._lock:
+            if not self._claims:
+                self._before = tempfile.tempdir
+            self._claims.append((id(owner), str(folder)))
+            tempfile.tempdir = str(folder)
+
+    def release(self, owner: object) -> None:
+        with self._lock:
+            self._claims = [c for c in self._claims if c[0] != id(owner)]
+            tempfile.tempdir = self._claims[-1][1] if self._claims else self._before
+
+
+_TEMP_DIRS = _TempDirs()
 
 
 def configure_dicom_libraries(*, accept_private: bool = False) -> None:
@@ -602,7 +620,11 @@ def configure_dicom_libraries(*, accept_private: bool = False) -> None:
       would print received values unescaped); the listener logs per association.
     - pydicom reading validation IGNORE: its warnings quote received values (patient data) and
       cost time per element; `dicom_node.ingest` runs its own checks on what it indexes.
+    - STORE_RECV_CHUNKED_DATASET: a C-STORE data set is written to a file as its P-DATA arrive
+      (not assembled in memory); the handler gets `event.dataset_path`. Other C-STORE SCPs in
+      the process (batch C-GET/C-MOVE) read the file too (`dicom_node.batch.sources`).
     """
+    _config.STORE_RECV_CHUNKED_DATASET = True
     _config.UNRESTRICTED_STORAGE_SERVICE = accept_private
     _config.LOG_HANDLER_LEVEL = "none"
     for uid in storage_sop_classes():
@@ -633,7 +655,7 @@ def _command_problem(command: Dataset) -> tuple[str | None, list[str]]:
         ("AffectedSOPInstanceUID", "Affected SOP Instance UID"),
     ):
         raw = _raw_uid(command.get(keyword)).rstrip("\x00 ")
-        if not raw:
+        if not raw or raw == MISSING_UID_MARK:
             this = f"{name} missing"
         elif len(raw) > 64:
             this = f"{name} longer than 64 characters"

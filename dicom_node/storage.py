@@ -5,7 +5,9 @@ Every object is written to `root/tmp/<uuid>.tmp`, fsynced, atomically renamed to
 the whole object or nothing (a temp file, swept at start-up). File names come from a fresh
 UUID, never from a received value (UID, PatientID...), so hostile values cannot reach a path.
 
-Cost per object: two fsyncs (file, then its directory). The `<aa>/<bb>` shard directory is
+Cost per object: two fsyncs (file, then its directory). Received instances arrive as files in
+`tmp/` (pynetdicom's chunked receive) and are moved in with `place`: one fdatasync per file,
+and the directory fsync shared by every object of an index commit batch. The `<aa>/<bb>` shard directory is
 not derived from the name: a writer fills one shard with up to SHARD_FILES objects before it
 picks a fresh random one. Deriving it from a random name made almost every object create a
 new directory, which cost a mkdir plus a third fsync (of the parent) -- the slowest step of
@@ -14,6 +16,7 @@ a C-STORE on an ext4 VM disk.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -98,6 +101,21 @@ class Storage:
             if p.is_file() or p.is_symlink():
                 p.unlink(missing_ok=True)
                 removed += 1
+        return removed
+
+    def sweep_stale_temp(self, older_than_s: float) -> int:
+        """Remove temp files not written to for `older_than_s` seconds while running: a file of a
+        transfer in progress is written at least every PDU, so these are leftovers (pynetdicom
+        leaves the file of a C-STORE request it discards as invalid)."""
+        removed = 0
+        cutoff = time.time() - older_than_s
+        for p in self.tmp_dir.iterdir():
+            try:
+                if p.is_file() and p.stat().st_mtime <= cutoff:
+                    p.unlink()
+                    removed += 1
+            except FileNotFoundError:  # renamed into objects/ meanwhile
+                continue
         return removed
 
     # ------------------------------------------------------------------ paths
@@ -192,6 +210,50 @@ class Storage:
             write_s=t1 - t0,
             fsync_s=t2 - t1,
         )
+
+    @staticmethod
+    def sync_file(path: Path | str) -> None:
+        """fdatasync of a file: its data and size are durable (other metadata, times, need not be)."""
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+
+    def place(self, src: Path | str, relpath: str, *, synced: bool = False) -> Path:
+        """Make a received file (in `tmp/`, written by pynetdicom) the object `relpath`.
+
+        fdatasync of the file, then an atomic rename into its shard directory; returns that
+        directory, whose fsync (making the new entry durable) the caller does once per batch of
+        objects before any row pointing at them commits (dicom_node/group_commit.py). A file on
+        another filesystem is copied into `tmp/` first (kernel-side copy, bounded memory).
+        The file is gone from `src` afterwards, whatever the outcome. `synced`: the caller did
+        the `sync_file` already (beside its checks).
+        """
+        if not _ALLOCATED.fullmatch(relpath):
+            raise ValueError("relpath was not allocated by this storage")
+        src = Path(src)
+        final = self.root / relpath
+        if not synced:
+            self.sync_file(src)
+        try:
+            os.replace(src, final)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                src.unlink(missing_ok=True)
+                raise
+            tmp = self.tmp_dir / f"{final.stem}.tmp"
+            try:
+                shutil.copyfile(src, tmp)
+                self.sync_file(tmp)
+                os.replace(tmp, final)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            finally:
+                src.unlink(missing_ok=True)
+        self.crash_point("after_rename")
+        return final.parent
 
     # ------------------------------------------------------------------ reconciliation
 

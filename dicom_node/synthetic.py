@@ -364,3 +364,23 @@ def ct_instance(
     _grayscale_pixels(ds, np.full((size, size), fill, dtype=np.uint16) + instance_number, 16)
     ds.file_meta = _file_meta(CTImageStorage, ds.SOPInstanceUID)
     return ds
+
+
+def write_large_ct(path: Path, rows: int, columns: int, **identity: str) -> int:
+    """A single-frame 16-bit CT Part 10 file of rows x columns pixels, built on disk without the
+    pixels in memory: the header is written by pydicom, then the Pixel Data element header
+    (explicit VR LE, OW, PS3.5 7.1.2) and a zero-filled value appended by extending the file
+    (sparse where the filesystem allows). Returns the file size in bytes. For large-instance
+    tests and benchmarks (`max_instance_bytes`, bounded memory while receiving)."""
+    length = rows * columns * 2
+    if length > 0xFFFFFFFE:
+        raise ValueError("Pixel Data longer than a 32-bit length allows")
+    ds = ct_instance(**identity)
+    del ds.PixelData
+    ds.Rows, ds.Columns = rows, columns
+    ds.save_as(path, enforce_file_format=True)
+    with open(path, "r+b") as fh:
+        fh.seek(0, 2)
+        fh.write(b"\xe0\x7f\x10\x00OW\x00\x00" + length.to_bytes(4, "little"))
+        fh.truncate(fh.tell() + length)
+        return fh.tell() + length

@@ -14,7 +14,13 @@ length) of the bytes pynetdicom reads through them and:
 - carry deadlines that `ConnectionGuard`'s reaper thread enforces by shutting the socket down
   (a blocked recv then returns, and pynetdicom sees the transport close): a complete
   A-ASSOCIATE-RQ within `associate_timeout`, and each started PDU within `pdu_timeout` plus
-  its length at MIN_RATE bytes/s. The gap between PDUs is pynetdicom's own `network_timeout`.
+  its length at MIN_RATE bytes/s. The gap between PDUs is pynetdicom's own `network_timeout`;
+- cap each C-STORE data set while it arrives (`max_dataset_bytes`): the P-DATA-TF PDVs (PS3.8
+  9.3.5, E.2: 4-byte length, context ID, message control header) are counted per message, and
+  once a data set passes the cap every further data fragment reaches pynetdicom empty (the
+  PDU is re-framed), so nothing more is written or held; the final fragment still arrives,
+  pynetdicom completes the message, and the C-STORE handler (`take_oversize`) answers it
+  0xA700 on an association that stays usable.
 
 `ConnectionGuard` also counts open connections per remote address and closes any beyond
 `max_connections_per_host` at accept time, so one peer cannot take every slot.
@@ -100,6 +106,9 @@ class _GuardState:
         "associated",
         "closed",
         "dead",
+        "dataset_bytes",
+        "oversize",
+        "header_out",
     )
 
     def __init__(self, guard: ConnectionGuard, remote_ip: str) -> None:
@@ -114,6 +123,9 @@ class _GuardState:
         self.associated = False
         self.closed = False
         self.dead = False  # refused: every further read is the end of the stream
+        self.dataset_bytes = 0  # data set bytes of the message arriving
+        self.oversize = 0  # bytes of the last data set that passed the cap (0: none since taken)
+        self.header_out = bytearray()  # the current PDU header, not yet handed to the reader
 
 
 class _Guarded:
@@ -139,23 +151,29 @@ class _Guarded:
             if not st.header and st.deadline is None:
                 st.deadline = time.monotonic() + st.guard.pdu_timeout
                 st.deadline_reason = "pdu_timeout"
-            data = self._raw_recv(min(bufsize, 6 - len(st.header)))
-            if not data:
-                return data
-            st.header += data
-            if len(st.header) == 6:
-                try:
-                    self._start_pdu(st)
-                except _Refused:
-                    # End of stream for pynetdicom: a short header is a closed transport (Evt17),
-                    # without its error log and traceback for what was a deliberate refusal.
-                    st.dead = True
-                    st.guard.released(st)
-                    return b""
+            # The whole header before any of it is handed out: a P-DATA-TF may be re-framed.
+            while len(st.header) < 6:
+                data = self._raw_recv(6 - len(st.header))
+                if not data:
+                    short = bytes(st.header)  # pynetdicom sees a short header: the transport closed
+                    st.header.clear()
+                    return short
+                st.header += data
+            try:
+                st.header_out = bytearray(self._start_pdu(st))
+            except _Refused:
+                # End of stream for pynetdicom: a short header is a closed transport (Evt17),
+                # without its error log and traceback for what was a deliberate refusal.
+                st.dead = True
+                st.guard.released(st)
+                return b""
+        if st.header_out:
+            data = bytes(st.header_out[:bufsize])
+            del st.header_out[: len(data)]
             return data
         if st.pending:
             data = bytes(st.pending[:bufsize])
-            del st.pending[: len(data)]
+            del st.pending[: len(data)]  # bytearray: dropping the front is O(1) amortised
         else:
             data = self._raw_recv(min(bufsize, st.left))
         st.left -= len(data)
@@ -165,7 +183,8 @@ class _Guarded:
             st.deadline = None
         return data
 
-    def _start_pdu(self, st: _GuardState) -> None:
+    def _start_pdu(self, st: _GuardState) -> bytes:
+        """Check a complete PDU header; returns the header to hand out (re-framed P-DATA-TF)."""
         pdu_type, _, length = struct.unpack(">BBL", st.header)
         header = bytes(st.header)
         st.header.clear()
@@ -182,7 +201,17 @@ class _Guarded:
         if st.associated:
             st.deadline = time.monotonic() + guard.pdu_timeout + length / MIN_RATE
             st.deadline_reason = "pdu_timeout"
-            return
+            if pdu_type == P_DATA_TF and guard.max_dataset_bytes:
+                body = self._read_body(length)
+                if len(body) == length:
+                    body = _cap_data_set(st, body, guard.max_dataset_bytes)
+                st.pending = body
+                st.left = len(body)
+                if not st.left:
+                    st.pdu_type = -1
+                    st.deadline = None
+                return struct.pack(">BBL", pdu_type, 0, len(body)) if len(body) != length else header
+            return header
         # A-ASSOCIATE-RQ: read it whole (bounded above) under the associate deadline, check it.
         body = bytearray()
         while len(body) < length:
@@ -198,6 +227,36 @@ class _Guarded:
             raise _Refused("association refused by policy")
         st.associated = True
         st.deadline = None
+        return header
+
+    def _read_body(self, length: int) -> bytearray:
+        """Up to `length` bytes (fewer if the stream ends), read into one buffer."""
+        body = bytearray(length)
+        view = memoryview(body)
+        got = 0
+        while got < length:
+            n = self._raw_recv_into(view[got:])
+            if not n:
+                del body[got:]
+                break
+            got += n
+        return body
+
+    def _raw_recv_into(self, view: memoryview) -> int:
+        return super().recv_into(view)  # type: ignore[misc, no-any-return]
+
+    def take_oversize(self) -> int:
+        """Bytes of the last data set cut at `max_dataset_bytes` (0 if none), and forget it.
+
+        Called by the C-STORE handler of that message: a DIMSE peer sends its next request only
+        after this one's response (no asynchronous operations are negotiated, PS3.7 D.3.3.3), and a
+        new command clears the mark, so it belongs to the message being answered.
+        """
+        st = self._guard_state
+        if st is None:
+            return 0
+        n, st.oversize = st.oversize, 0
+        return n
 
     def abort_now(self) -> None:
         """Refuse from outside the read path (e.g. an instance growing past its cap): A-ABORT,
@@ -251,7 +310,9 @@ class ConnectionGuard:
         max_per_host: int,
         policy: PolicyCheck | None = None,
         on_refuse: Callable[[str, str, str], None] | None = None,
+        max_dataset_bytes: int = 0,
     ) -> None:
+        self.max_dataset_bytes = max_dataset_bytes  # 0: no cap on an arriving data set
         self.p_data_max = max_pdu if max_pdu > 0 else UNLIMITED_PDU_MAX
         self.associate_timeout = associate_timeout
         self.pdu_timeout = pdu_timeout
@@ -352,6 +413,82 @@ class ConnectionGuard:
                         pass
                     # Its slot is free now, whenever pynetdicom gets round to closing the object.
                     self.released(st)
+
+
+_PDV = struct.Struct(">LBB")
+_EMPTY_PDV = 6  # 4-byte item length (2), context ID, message control header
+
+
+def _cap_data_set(st: _GuardState, body: bytearray, cap: int) -> bytearray:
+    """Count the data set bytes of each message in one P-DATA-TF body; past `cap`, data fragments
+    lose their value (an empty PDV keeps its context and control header, so the message still
+    ends where the peer ends it). Returns `body`, or the re-framed body if anything was cut."""
+    out: bytearray | None = None
+    at, end = 0, len(body)
+    while at + _EMPTY_PDV <= end:
+        length, context_id, control = _PDV.unpack_from(body, at)
+        stop = min(at + 4 + length, end)
+        cut = False
+        replace: bytes | None = None
+        if control & 1:  # command fragment: a new message starts
+            st.dataset_bytes = 0
+            st.oversize = 0
+            if control & 2:
+                replace = _fill_missing_uids(bytes(body[at + 6 : stop]))
+        else:
+            st.dataset_bytes += max(length - 2, 0)
+            cut = st.dataset_bytes > cap
+            if control & 2:  # last fragment of the data set
+                if cut:
+                    st.oversize = st.dataset_bytes
+                st.dataset_bytes = 0
+        if (cut or replace is not None) and out is None:
+            out = bytearray(body[:at])
+        if out is not None:
+            if replace is not None:
+                out += _PDV.pack(len(replace) + 2, context_id, control) + replace
+            else:
+                out += _PDV.pack(2, context_id, control) if cut else body[at:stop]
+        at = stop
+    if out is None:
+        return body
+    out += body[at:]
+    return out
+
+
+# Stands in for an empty or absent Affected SOP Class/Instance UID of a C-STORE-RQ (see below).
+MISSING_UID_MARK = "MISSINGUID"
+_CSTORE_RQ = b"\x01\x00"
+_NO_DATA_SET = b"\x01\x01"
+
+
+def _fill_missing_uids(command: bytes) -> bytes | None:
+    """A C-STORE-RQ command set (implicit VR LE, PS3.7 E.1) whose Affected SOP Class or Instance
+    UID is empty or absent, re-encoded with MISSING_UID_MARK in their place; None otherwise.
+
+    pynetdicom's chunked receive writes the File Meta from these two values when the command
+    arrives and raises in its DUL thread if either is empty, leaving the association without a
+    response; with the mark it completes the message and the listener's EVT_DIMSE_RECV handler
+    answers 0xC001 naming the missing UID. (A command spread over several fragments is passed
+    on as it is.)"""
+    elements: dict[int, bytes] = {}
+    at = 0
+    while at + 8 <= len(command):
+        group, elem, length = struct.unpack_from("<HHL", command, at)
+        if group != 0 or at + 8 + length > len(command):
+            return None
+        elements[elem] = command[at + 8 : at + 8 + length]
+        at += 8 + length
+    if elements.get(0x0100) != _CSTORE_RQ or elements.get(0x0800, _NO_DATA_SET) == _NO_DATA_SET:
+        return None
+    missing = [e for e in (0x0002, 0x1000) if not elements.get(e, b"").strip(b"\x00 ")]
+    if not missing:
+        return None
+    for e in missing:
+        elements[e] = MISSING_UID_MARK.encode()
+    elements.pop(0x0000, None)
+    body = b"".join(struct.pack("<HHL", 0, e, len(v)) + v for e, v in sorted(elements.items()))
+    return struct.pack("<HHLL", 0, 0, 4, len(body)) + body
 
 
 _TIMEOUT_DETAIL = {

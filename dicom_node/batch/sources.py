@@ -17,6 +17,7 @@ import csv
 import logging
 import os
 import re
+import shutil
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -177,8 +178,7 @@ class _ScratchSink:
         with self._lock:
             path = self.scratch / f"{len(self.files):06d}.dcm"
             self.files.append(path)
-        with path.open("wb") as f:
-            f.write(event.encoded_dataset())
+        _save_received(event, path)
         return 0x0000
 
 
@@ -386,3 +386,15 @@ def parse_source(source: str, options: dict[str, Any]) -> Source:
         "SOURCE must be a folder, a DICOMDIR, a .csv/.txt list of StudyInstanceUIDs, dimse://AET@host:port "
         "or an http(s):// DICOMweb URL"
     )
+
+
+def _save_received(event: Any, path: Path) -> None:
+    """Write a received C-STORE data set as a Part 10 file: the file pynetdicom already wrote when
+    the process receives in chunks (`STORE_RECV_CHUNKED_DATASET`, set by a listener), else the
+    encoded bytes as received."""
+    received = event.dataset_path
+    if received:
+        shutil.copyfile(received, path)
+        return
+    with path.open("wb") as f:
+        f.write(event.encoded_dataset())

@@ -192,6 +192,7 @@ def ingest(settings: Any, paths: list[Path], *, calling_ae: str = "MODALITY") ->
             ts = str(dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID)
             ing.receive(head, body, Peer(calling_ae, "UNIMEDVL", "127.0.0.1"), transfer_syntax_uid=ts)
     finally:
+        ing.close()
         ing.engine.dispose()
 
 

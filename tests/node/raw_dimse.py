@@ -102,6 +102,10 @@ class RawAssociation:
             chunks = [dataset[i : i + max_pdv] for i in range(0, len(dataset), max_pdv)] or [b""]
             for i, chunk in enumerate(chunks):
                 self.sock.sendall(p_data(chunk, command=False, last=i == len(chunks) - 1))
+        return self.response()
+
+    def response(self) -> Dataset | None:
+        """The next C-STORE-RSP command set, or None if the association ended without one."""
         try:
             payload = b""
             while True:

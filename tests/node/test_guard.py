@@ -187,13 +187,13 @@ def test_policy_refusal_happens_on_the_raw_request(make_settings: Any, start_nod
     assert _reasons(node, 1)[0] == "called_ae_mismatch"
 
 
-def test_oversized_instance_is_cut_off_while_it_arrives(make_settings: Any, start_node: Any, tmp_path: Path) -> None:
-    """A data set streaming far past max_instance_bytes ends its association (A-ABORT) once it is
-    OVERSIZE_MARGIN over, long before it is complete: memory does not follow what the peer sends."""
+def test_oversized_instance_is_refused_while_it_arrives(make_settings: Any, start_node: Any, tmp_path: Path) -> None:
+    """A data set streaming far past max_instance_bytes is read to its end but not kept (the guard
+    empties its fragments past the cap), answered 0xA700 with an Error Comment, and the same
+    association then stores the next instance: memory does not follow what the peer sends."""
     from pydicom.uid import CTImageStorage, generate_uid
 
-    from dicom_node.scp import OVERSIZE_MARGIN
-    from tests.node.raw_dimse import RawAssociation, p_data, store_command
+    from tests.node.raw_dimse import RawAssociation, encode_dataset, p_data, store_command
 
     node = start_node(
         make_settings(f"sqlite:///{tmp_path / 'i.db'}", node={"max_instance_bytes": 1 << 20}), completion=False
@@ -202,18 +202,50 @@ def test_oversized_instance_is_cut_off_while_it_arrives(make_settings: Any, star
     before = _rss_bytes()
     assoc = RawAssociation(node.port, CTImageStorage)
     chunk = p_data(b"\0" * (256 * 1024), command=False, last=False)
-    sent = 0
     try:
         assoc.sock.sendall(p_data(store_command(CTImageStorage, generate_uid()), command=True))
-        while sent < 20 * OVERSIZE_MARGIN:  # the peer would send 320 MiB
+        for _ in range(128):  # 32 MiB against a 1 MiB cap
             assoc.sock.sendall(chunk)
-            sent += len(chunk)
-        pytest.fail("the node kept reading an instance far over its cap")
-    except OSError:
-        pass
+        assoc.sock.sendall(p_data(b"", command=False, last=True))
+        rsp = assoc.response()
+        assert rsp is not None and rsp.Status == 0xA700
+        assert "max_instance_bytes" in rsp.ErrorComment
+        ds = make_ct()
+        ok = assoc.store(store_command(CTImageStorage, ds.SOPInstanceUID, message_id=2), encode_dataset(ds))
+        assert ok is not None and ok.Status == 0  # the association stays usable
     finally:
-        assoc.sock.close()
-    assert sent < 4 * OVERSIZE_MARGIN
-    assert _rss_bytes() - before < 3 * OVERSIZE_MARGIN
-    assert "too_large" in _reasons(node, 1)
-    assert store(node.port, [make_ct()])[0].Status == 0
+        assoc.release()
+    assert _rss_bytes() - before < 32 * 1024 * 1024
+    with Session(node.engine) as s:
+        rows = s.exec(select(Rejection).where(Rejection.reason == "too_large")).all()
+    assert len(rows) == 1 and rows[0].status == 0xA700 and f"{128 * 256 * 1024} B" in rows[0].detail
+    assert list((tmp_path / "storage" / "tmp").iterdir()) == []
+
+
+def test_cut_fragments_past_the_cap_keep_the_message_framing() -> None:
+    """The guard's P-DATA filter: data fragments past the cap lose their value, the command and the
+    last fragment keep their control headers, and the verdict is kept for the handler."""
+    from dicom_node.transport_guard import ConnectionGuard, _cap_data_set, _GuardState
+    from tests.node.raw_dimse import p_data
+
+    st = _GuardState(ConnectionGuard(max_pdu=0, associate_timeout=1, pdu_timeout=1, max_per_host=1), "127.0.0.1")
+
+    def pdvs(pdu: bytes) -> list[tuple[int, bytes]]:
+        body, out, at = pdu[6:], [], 0
+        while at < len(body):
+            (length,) = struct.unpack(">L", body[at : at + 4])
+            out.append((body[at + 5], body[at + 6 : at + 4 + length]))
+            at += 4 + length
+        return out
+
+    def through(pdu: bytes) -> list[tuple[int, bytes]]:
+        return pdvs(bytes(6) + bytes(_cap_data_set(st, bytearray(pdu[6:]), 100)))
+
+    assert through(p_data(b"C" * 10, command=True)) == [(3, b"C" * 10)]
+    assert through(p_data(b"a" * 60, command=False, last=False)) == [(0, b"a" * 60)]
+    assert through(p_data(b"b" * 60, command=False, last=False)) == [(0, b"")]  # 120 > 100: cut
+    assert through(p_data(b"c" * 10, command=False, last=True)) == [(2, b"")]
+    assert st.oversize == 130 and st.dataset_bytes == 0
+    assert through(p_data(b"C" * 10, command=True)) == [(3, b"C" * 10)] and st.oversize == 0
+    assert through(p_data(b"d" * 100, command=False, last=True)) == [(2, b"d" * 100)]  # at the cap: kept
+    assert st.oversize == 0

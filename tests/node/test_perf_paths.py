@@ -112,21 +112,35 @@ def test_associations_work_and_release_their_sockets(make_settings: Any, start_n
 def test_failed_storage_write_is_refused_and_indexes_nothing(
     make_settings: Any, start_node: Any, tmp_path: Path
 ) -> None:
-    """The write runs beside the parse and index work: when it fails, no row commits and no file stays."""
+    """When moving the received file into storage fails, no row commits and no file stays."""
     settings = make_settings(f"sqlite:///{tmp_path / 'i.db'}")
     node = start_node(settings, completion=False)
     root = tmp_path / "storage"
-    tmp_dir = root / "tmp"
-    tmp_dir.rmdir()
-    tmp_dir.write_bytes(b"")  # a file where the temp folder should be: a real ENOTDIR on open()
+    shard = root / Path(node.listener.ingest.storage.allocate()).parent  # where the next objects go
+    moved = shard.with_name("moved")
+    shard.rename(moved)
+    shard.write_bytes(b"")  # a file where the shard folder should be: a real ENOTDIR on rename()
     try:
         status = store(node.port, [make_ct()])[0]
     finally:
-        tmp_dir.unlink()
-        tmp_dir.mkdir()
+        shard.unlink()
+        moved.rename(shard)
     assert status.Status == 0xA700 and "write failed" in status.ErrorComment
     with Session(node.engine) as s:
         assert s.exec(select(Instance)).all() == []
         assert [r.reason for r in s.exec(select(Rejection)).all()] == ["storage_error"]
     assert [p for p in (root / "objects").rglob("*") if p.is_file()] == []
     assert store(node.port, [make_ct()])[0].Status == 0  # and it recovers
+
+
+def test_received_files_land_in_the_storage_tmp_folder(make_settings: Any, start_node: Any, tmp_path: Path) -> None:
+    """While a listener runs, pynetdicom's chunked receive writes into storage/tmp/ (same
+    filesystem as objects/: a rename, not a copy); the previous temp folder comes back at stop."""
+    import tempfile
+
+    before = tempfile.gettempdir()
+    node = start_node(make_settings(f"sqlite:///{tmp_path / 'i.db'}"), completion=False)
+    assert Path(tempfile.gettempdir()) == (tmp_path / "storage" / "tmp").resolve()
+    assert store(node.port, [make_ct()])[0].Status == 0
+    node.stop(1)
+    assert tempfile.gettempdir() == before
