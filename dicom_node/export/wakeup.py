@@ -7,14 +7,20 @@ transaction:
 - in the same process (any database, SQLite included) an ``after_commit`` hook on the session
   sets the waiting exporter's event.
 
-A worker in another process on SQLite cannot reach the exporter this way: there the exporter's
-poll (`[export] poll_seconds`) still finds the rows, and it stays the safety net everywhere
-(a listener connection that drops, a notification lost in a reconnect).
+- on SQLite (one host by nature) the after-commit hook of any process also sends a datagram to
+  the exporter's Unix socket in the abstract namespace, named after the database file (Linux;
+  nothing is created on disk, and a commit with no exporter listening costs one failed sendto).
+
+The exporter's poll (`[export] poll_seconds`) stays the safety net everywhere (a listener
+connection that drops, a notification lost in a reconnect, a second exporter on the same file).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import socket
+import sys
 import threading
 from collections.abc import Iterable
 from typing import Any
@@ -29,6 +35,30 @@ CHANNEL = "unimedvl_outbox"
 ALL = "*"  # payload: wake every destination (re-queued rows of several destinations)
 _INFO_KEY = "unimedvl_outbox_wake"
 _HOOKED = "unimedvl_outbox_hooked"
+_ADDRESS = "unimedvl_outbox_address"
+
+
+def sqlite_address(engine: Engine) -> str | None:
+    """Abstract Unix socket name for an SQLite database file (None: not a file database, not Linux)."""
+    url = engine.url
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return None
+    if not sys.platform.startswith("linux"):  # abstract socket names are Linux only: poll elsewhere
+        return None
+    from pathlib import Path
+
+    key = hashlib.sha256(str(Path(url.database).resolve()).encode()).hexdigest()[:24]
+    return f"\0unimedvl-outbox-{key}"
+
+
+def _send_datagram(address: str, names: Iterable[str]) -> None:
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)
+            sock.sendto("\n".join(names).encode(), address)
+    except OSError:  # nobody listening (no exporter running on this file), or its buffer is full
+        pass
+
 
 _waiters: set[Wakeup] = set()
 _waiters_lock = threading.Lock()
@@ -44,13 +74,20 @@ def notify(session: Session, destinations: Iterable[str]) -> None:
             session.execute(text("SELECT pg_notify(:channel, :payload)"), {"channel": CHANNEL, "payload": name})
     if not session.info.get(_HOOKED):  # sessions are short-lived: the hooks stay with it
         session.info[_HOOKED] = True
+        session.info[_ADDRESS] = sqlite_address(session.get_bind())  # type: ignore[arg-type]
         event.listen(session, "after_commit", _after_commit)
         event.listen(session, "after_rollback", _after_rollback)
     session.info.setdefault(_INFO_KEY, set()).update(names)
 
 
 def _after_commit(session: Any) -> None:
-    wake_local(session.info.pop(_INFO_KEY, None) or ())
+    names = session.info.pop(_INFO_KEY, None)
+    if not names:
+        return
+    wake_local(names)
+    address = session.info.get(_ADDRESS)
+    if address:
+        _send_datagram(address, names)
 
 
 def _after_rollback(session: Any) -> None:
@@ -77,7 +114,7 @@ class Wakeup:
         self._events = {name: threading.Event() for name in destinations}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.listening = threading.Event()  # set while the PostgreSQL LISTEN connection is up
+        self.listening = threading.Event()  # set while the LISTEN connection / wake socket is up
 
     def start(self) -> Wakeup:
         with _waiters_lock:
@@ -85,6 +122,18 @@ class Wakeup:
         if self.engine.dialect.name == "postgresql" and self._events:
             self._thread = threading.Thread(target=self._listen, name="export-listen", daemon=True)
             self._thread.start()
+        address = sqlite_address(self.engine)
+        if address and self._events:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            try:
+                sock.bind(address)
+            except OSError as exc:  # another exporter on this database holds it: poll only
+                sock.close()
+                log.info("exporter: wake-up socket in use (%s); new rows are found by polling", exc.strerror)
+            else:
+                sock.settimeout(0.5)
+                self._thread = threading.Thread(target=self._receive, args=(sock,), name="export-wake", daemon=True)
+                self._thread.start()
         return self
 
     def stop(self) -> None:
@@ -107,6 +156,21 @@ class Wakeup:
         woke = ev.wait(timeout)
         ev.clear()  # rows committed before this point are found by the round that follows
         return woke
+
+    def _receive(self, sock: socket.socket) -> None:
+        self.listening.set()
+        with sock:
+            while not self._stop.is_set():
+                try:
+                    data = sock.recv(65536)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    log.exception("exporter: wake-up socket failed; new rows are found by polling")
+                    break
+                for name in data.decode(errors="replace").split("\n"):
+                    self.wake(None if name == ALL else name)
+        self.listening.clear()
 
     def _listen(self) -> None:
         import psycopg
