@@ -147,7 +147,7 @@ class Exporter:
         timeouts) never delays another one's deliveries.
 
         Each loop sleeps until a commit that queued rows for its destination wakes it
-        (dicom_node.export.wakeup: PostgreSQL NOTIFY, or an in-process commit), polling every
+        (dicom_node.export.wakeup: PostgreSQL NOTIFY, an SQLite datagram, an in-process commit), polling every
         `poll_seconds` as the safety net; an association to a DIMSE destination stays open for
         `keep_open_seconds` after its last use."""
         log.info(
