@@ -7,6 +7,7 @@ The fallback poll is set to 30 s here, so a delivery within a couple of seconds 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -164,3 +165,40 @@ def test_outputs_one_at_a_time_share_one_association_closed_after_idle(
             t.join(30)
         assert len(scp.received_files()) == 5
     assert released - last >= keep * 0.9  # not released before the idle time
+
+
+@pytest.mark.dcmtk
+def test_kept_association_dropped_by_the_peer_is_replaced_without_a_failed_attempt(
+    sqlite_engine, storage, make_settings, tmp_path: Path
+) -> None:
+    """The PACS ends the idle association (its process dies): the next output goes over a new
+    association at its first attempt, no retry and no backoff."""
+    from sqlmodel import Session, select
+
+    from dicom_node.export.models import OutboxRow
+
+    require_tool("storescp")
+    ct = ct_slices(tmp_path / "ct", 2)
+    with StoreSCP(tmp_path / "scp", extra_args=["-v"]) as scp:
+        before = _associations(scp)
+        settings = make_settings(sqlite_engine, [_scp_dest(scp)], poll_seconds=POLL, keep_open_seconds=POLL)
+        seen = Delivered()
+        exporter = Exporter(settings, sqlite_engine, storage, on_result=seen)
+        stop, t = _running(exporter)
+        try:
+            enqueue(sqlite_engine, storage, ct[0], ["scp"])
+            seen.wait_for(str(ct[0].SOPInstanceUID), WOKEN_WITHIN)
+            assert scp._proc is not None
+            pid = scp._proc.pid
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            assert len(children) == 1, children  # storescp --fork: one child per association
+            os.kill(int(children[0]), signal.SIGKILL)
+            enqueue(sqlite_engine, storage, ct[1], ["scp"])
+            seen.wait_for(str(ct[1].SOPInstanceUID), WOKEN_WITHIN)
+        finally:
+            stop.set()
+            t.join(30)
+        assert _associations(scp) - before == 2
+    with Session(sqlite_engine) as s:
+        rows = s.exec(select(OutboxRow)).all()
+    assert [(r.state, r.attempts) for r in rows] == [("done", 1), ("done", 1)]
