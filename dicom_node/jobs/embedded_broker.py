@@ -6,8 +6,9 @@ and with acks_late + prefetch 1 a worker pays that wait once per job. This subcl
   `unimedvl-broker-<hash of the broker database>-<slot>` (slots 0..7, one per consuming
   process; a publish with nobody listening costs 8 failed sendto calls);
 - waits on its own bell instead of sleeping between polls, so a job published on an idle
-  queue is fetched at once; the poll (0.1 s) stays the safety net (a ninth worker on one
-  broker file, a bell rung while the worker was busy with its prefetch of 1, other systems).
+  queue is fetched at once, and a worker's ack rings its own bell (with prefetch 1 it skips
+  the queue while busy); the poll (0.1 s) stays the safety net (a ninth worker on one broker
+  file, other systems than Linux).
 The sqlalchemy transport cannot take the interval as a transport option (it hands every option
 to `create_engine`), so it is a class attribute here. kombu's tables are used unchanged;
 `sqla+` URLs are mapped to this transport by `embedded_url`.
@@ -59,6 +60,17 @@ class Channel(SQLAlchemyChannel):
     def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:
         super()._put(queue, payload, **kwargs)  # committed: a consumer can see it now
         ring(self.connection.client.hostname or "")
+
+    def basic_ack(self, delivery_tag: Any, multiple: bool = False) -> None:
+        """With prefetch 1 a busy consumer skips the queue; its ack frees it to take the next
+        message now, so it rings its own bell (a publish rung while it was busy is gone)."""
+        super().basic_ack(delivery_tag, multiple)
+        bell = self.connection._bell
+        if bell is not None:
+            try:
+                bell.sendto(b"1", bell.getsockname())
+            except OSError:
+                pass
 
 
 class Transport(SQLAlchemyTransport):
