@@ -196,7 +196,8 @@ class ExportSettings(_Section):
     max_attempts: int = Field(8, ge=1)
     backoff_initial_seconds: float = Field(5.0, gt=0)
     backoff_max_seconds: float = Field(600.0, gt=0)
-    poll_seconds: float = Field(0.25, gt=0)
+    poll_seconds: float = Field(0.25, gt=0)  # safety net: commits that queue rows wake the exporter
+    keep_open_seconds: float = Field(2.0, ge=0)  # 0: one association per batch
 
 
 class ConsoleSettings(_Section):

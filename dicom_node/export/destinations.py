@@ -74,7 +74,8 @@ class ExportPolicy:
     max_attempts: int = 8
     backoff_initial_seconds: float = 5.0
     backoff_max_seconds: float = 600.0
-    poll_seconds: float = 0.25
+    poll_seconds: float = 0.25  # safety net: the exporter is woken by the commit that queues rows
+    keep_open_seconds: float = 2.0  # a DIMSE association stays open this long after its last send
     batch_size: int = 500  # rows claimed per destination at a time
     parallel: int = 4  # concurrent associations / STOW requests per destination for a batch
     lease_seconds: float = 60.0  # renewed every lease/3 while sending; an expired lease means the exporter died

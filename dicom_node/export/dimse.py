@@ -1,4 +1,5 @@
-"""C-STORE SCU: one association per destination per batch, many instances over it.
+"""C-STORE SCU: one association per destination per batch, many instances over it; the
+exporter's loop keeps it open for a short idle time so the next batch reuses it.
 
 Transfer syntax: for each SOP class we propose the stored syntax (when it is not plain
 little endian) in one presentation context and Explicit + Implicit VR Little Endian in
@@ -12,7 +13,9 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 from pydicom import dcmread
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -45,6 +48,11 @@ def _contexts_for(items: Sequence[SendItem]) -> list[PresentationContext]:
             seen.add((it.sop_class_uid, "LE"))
             contexts.append(build_context(it.sop_class_uid, list(UNCOMPRESSED_LE)))
     return contexts
+
+
+def _contexts_from_keys(keys: set[tuple[str, str]]) -> list[PresentationContext]:
+    """Contexts for (SOP class, transfer syntax or "LE") keys, as _contexts_for proposes them."""
+    return [build_context(cls, list(UNCOMPRESSED_LE) if ts == "LE" else [ts]) for cls, ts in sorted(keys)]
 
 
 def _context_keys(it: SendItem) -> set[tuple[str, str]]:
@@ -123,9 +131,34 @@ class _ParkedCheckpoint(threading.Event):
         super().set()
 
 
+@dataclass
+class _Open:
+    """An established association this sender drives (its reactor parked)."""
+
+    ae: AE
+    assoc: Association
+    parked: _ParkedCheckpoint
+    keys: set[tuple[str, str]]
+    last_used: float = field(default_factory=time.monotonic)
+    sent: int = 0
+
+    def usable(self) -> bool:
+        return self.assoc.is_established and not self.assoc.acse.is_aborted() and self.assoc.dul.is_alive()
+
+
 class DimseSender:
-    def __init__(self, dest: Destination) -> None:
+    """C-STORE SCU for one destination.
+
+    With `keep_open_seconds` > 0 the association stays open after a batch, and the next batch
+    whose presentation contexts it already negotiated goes over it (no TCP + A-ASSOCIATE round
+    trip per job output); `close_if_idle()` releases it once it has been idle that long. The
+    caller uses one such sender from one thread at a time.
+    """
+
+    def __init__(self, dest: Destination, *, keep_open_seconds: float = 0.0) -> None:
         self.dest = dest
+        self.keep_open_seconds = keep_open_seconds
+        self._kept: _Open | None = None
 
     def _ae(self, contexts: list[PresentationContext]) -> AE:
         ae = AE(ae_title=self.dest.calling_ae)
@@ -141,6 +174,25 @@ class DimseSender:
         for chunk in _chunks(items):
             self._send_chunk(chunk, report)
 
+    def close_if_idle(self, now: float | None = None) -> float | None:
+        """Release the kept association once idle for keep_open_seconds.
+
+        Returns the seconds until it is due to close, or None when none is open (any more)."""
+        kept = self._kept
+        if kept is None:
+            return None
+        left = kept.last_used + self.keep_open_seconds - (time.monotonic() if now is None else now)
+        if left > 0 and kept.usable():
+            return left
+        self._kept = None
+        self._close(kept, f"idle for {self.keep_open_seconds:.1f} s" if left <= 0 else "ended by the peer")
+        return None
+
+    def close(self) -> None:
+        kept, self._kept = self._kept, None
+        if kept is not None:
+            self._close(kept, "exporter stopping")
+
     def _associate(self, ae: AE) -> Association:
         tls_args = None
         ctx = self.dest.ssl_context()
@@ -148,38 +200,91 @@ class DimseSender:
             tls_args = (ctx, self.dest.host if ctx.check_hostname else None)
         return ae.associate(self.dest.host, self.dest.port, ae_title=self.dest.ae_title, tls_args=tls_args)
 
-    def _send_chunk(self, items: list[SendItem], report: Callable[[SendItem, Outcome], None]) -> None:
+    def _take(self, keys: set[tuple[str, str]]) -> tuple[_Open | None, set[tuple[str, str]]]:
+        """The kept association when it can carry `keys`; else close it and say what to propose."""
+        kept, self._kept = self._kept, None
+        if kept is None:
+            return None, keys
+        if kept.usable() and keys <= kept.keys:
+            return kept, keys
+        wider = kept.keys | keys  # alternating SOP classes (SR, SEG...) then share one association
+        self._close(kept, "needs other presentation contexts" if kept.usable() else "ended by the peer")
+        return None, wider if len(wider) <= MAX_CONTEXTS else keys
+
+    def _open(
+        self, items: list[SendItem], keys: set[tuple[str, str]], report: Callable[[SendItem, Outcome], None]
+    ) -> _Open | None:
         contexts = _contexts_for(items)
+        seen = {k for it in items for k in _context_keys(it)}
+        contexts += _contexts_from_keys(keys - seen)
         ae = self._ae(contexts)
         assoc = self._associate(ae)
-        parked: _ParkedCheckpoint | None = None
-        try:
-            if not assoc.is_established:
+        if not assoc.is_established:
+            try:
                 self._not_established(assoc, items, report)
-                return
-            sock = assoc.dul.socket.socket if assoc.dul.socket is not None else None
-            if sock is not None:
-                # Each C-STORE waits for its response: Nagle would add a delayed-ACK wait per instance.
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            parked = _ParkedCheckpoint.install(assoc)
-            accepted = assoc.accepted_contexts
-            for i, it in enumerate(items):
-                out = self._store(assoc, accepted, it)
-                report(it, out)
-                if out.kind is Kind.RETRY and out.status is None:
-                    # No response: the association is gone or unusable; the rest waits for the next round.
-                    lost = Outcome(Kind.SKIPPED, None, "association ended before this instance was sent")
-                    for rest in items[i + 1 :]:
-                        report(rest, lost)
-                    return
-        finally:
-            if parked is not None:
-                parked.release()
+            finally:
+                if not assoc.is_aborted and not assoc.is_rejected and assoc.dul.is_alive():
+                    assoc.abort()
+                ae.shutdown()
+            return None
+        sock = assoc.dul.socket.socket if assoc.dul.socket is not None else None
+        if sock is not None:
+            # Each C-STORE waits for its response: Nagle would add a delayed-ACK wait per instance.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        log.info("export %s: association open to %s", self.dest.name, self.dest.address())
+        return _Open(ae, assoc, _ParkedCheckpoint.install(assoc), keys | seen)
+
+    def _close(self, conn: _Open, why: str) -> None:
+        conn.parked.release()
+        assoc = conn.assoc
+        try:
             if assoc.is_established and not assoc.acse.is_aborted():
                 assoc.release()
             elif not assoc.is_aborted and not assoc.is_rejected and assoc.dul.is_alive():
                 assoc.abort()
-            ae.shutdown()
+        finally:
+            conn.ae.shutdown()
+        log.info("export %s: association closed (%s), %d instance(s) sent over it", self.dest.name, why, conn.sent)
+
+    def _send_chunk(self, items: list[SendItem], report: Callable[[SendItem, Outcome], None]) -> None:
+        keys = {k for it in items for k in _context_keys(it)}
+        conn, propose = self._take(keys)
+        rest = items
+        if conn is not None:
+            first = self._store(conn, items[0])
+            if first.kind is Kind.RETRY and first.status is None:
+                # The kept association went stale while idle (the peer closed it): one fresh try.
+                self._close(conn, "unusable after idling")
+                conn = None
+            else:
+                report(items[0], first)
+                rest = items[1:]
+        if conn is None:
+            conn = self._open(items, propose, report)
+            if conn is None:
+                return
+        healthy = False
+        try:
+            healthy = self._send_over(conn, rest, report)
+        finally:
+            if healthy and self.keep_open_seconds > 0:
+                conn.last_used = time.monotonic()
+                self._kept = conn
+            else:
+                self._close(conn, "batch sent" if healthy else "association lost")
+
+    def _send_over(self, conn: _Open, items: list[SendItem], report: Callable[[SendItem, Outcome], None]) -> bool:
+        """Send `items` in order; False when the association was lost (the rest is skipped)."""
+        for i, it in enumerate(items):
+            out = self._store(conn, it)
+            report(it, out)
+            if out.kind is Kind.RETRY and out.status is None:
+                # No response: the association is gone or unusable; the rest waits for the next round.
+                lost = Outcome(Kind.SKIPPED, None, "association ended before this instance was sent")
+                for rest in items[i + 1 :]:
+                    report(rest, lost)
+                return False
+        return conn.usable()
 
     def _not_established(
         self, assoc: Association, items: list[SendItem], report: Callable[[SendItem, Outcome], None]
@@ -213,7 +318,13 @@ class DimseSender:
             f"(stored as {UID(it.transfer_syntax_uid).name}, also offered Explicit/Implicit VR Little Endian)",
         )
 
-    def _store(self, assoc: Association, accepted: list[PresentationContext], it: SendItem) -> Outcome:
+    def _store(self, conn: _Open, it: SendItem) -> Outcome:
+        out = self._store_one(conn.assoc, conn.assoc.accepted_contexts, it)
+        if out.delivered:
+            conn.sent += 1
+        return out
+
+    def _store_one(self, assoc: Association, accepted: list[PresentationContext], it: SendItem) -> Outcome:
         for_class = [cx for cx in accepted if cx.abstract_syntax == it.sop_class_uid]
         if not for_class:
             return self._refused(it)

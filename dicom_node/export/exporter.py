@@ -39,6 +39,7 @@ from dicom_node.export.outbox import (
 )
 from dicom_node.export.outcome import Kind, Outcome, SendItem
 from dicom_node.export.stow import StowSender
+from dicom_node.export.wakeup import Wakeup
 from dicom_node.leases import CLEARED, LeaseKeeper
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,9 @@ class Exporter:
         self.rng = rng or random.Random()
         self._lock = threading.Lock()  # guards result counters when destinations run in parallel
         self._stop: threading.Event | None = None
+        # run_forever only: one association per DIMSE destination kept open between rounds.
+        self._kept: dict[str, DimseSender] = {}
+        self.wakeup = Wakeup(engine, list(self.destinations))  # started by run_forever
 
     # ------------------------------------------------------------------------------------- public
 
@@ -140,11 +144,26 @@ class Exporter:
 
     def run_forever(self, stop_event: threading.Event) -> None:
         """One loop per destination until `stop_event` is set: a destination that is down (connect
-        timeouts) never delays another one's deliveries."""
+        timeouts) never delays another one's deliveries.
+
+        Each loop sleeps until a commit that queued rows for its destination wakes it
+        (dicom_node.export.wakeup: PostgreSQL NOTIFY, an SQLite datagram, an in-process commit), polling every
+        `poll_seconds` as the safety net; an association to a DIMSE destination stays open for
+        `keep_open_seconds` after its last use."""
         log.info(
-            "exporter started: %d destination(s), poll every %.1f s", len(self.destinations), self.policy.poll_seconds
+            "exporter started: %d destination(s), woken by new rows, poll every %.2f s, keep associations %.1f s",
+            len(self.destinations),
+            self.policy.poll_seconds,
+            self.policy.keep_open_seconds,
         )
         self._stop = stop_event
+        if self.policy.keep_open_seconds > 0:
+            self._kept = {
+                d.name: DimseSender(d, keep_open_seconds=self.policy.keep_open_seconds)
+                for d in self.destinations.values()
+                if d.kind != "dicomweb"
+            }
+        self.wakeup.start()
         threads = [
             threading.Thread(target=self._loop, args=(name, stop_event), name=f"export-{name}", daemon=True)
             for name in self.destinations
@@ -152,23 +171,40 @@ class Exporter:
         for t in threads:
             t.start()
         stop_event.wait()
+        self.wakeup.wake(None)
         for t in threads:
             t.join()
+        self.wakeup.stop()
         log.info("exporter stopped")
 
     def _loop(self, name: str, stop_event: threading.Event) -> None:
-        while not stop_event.is_set():
-            busy = False
-            try:
-                busy = self.run_once(destinations=[name]).attempted > 0
-            except Exception:  # keep the service alive; the DB state is consistent per transaction
-                log.exception("exporter round for %s failed; retrying after the poll interval", name)
-            if not busy:
-                stop_event.wait(self.policy.poll_seconds)
+        kept = self._kept.get(name)
+        try:
+            while not stop_event.is_set():
+                busy = False
+                try:
+                    busy = self.run_once(destinations=[name]).attempted > 0
+                except Exception:  # keep the service alive; the DB state is consistent per transaction
+                    log.exception("exporter round for %s failed; retrying after the poll interval", name)
+                if busy:
+                    continue
+                timeout = self.policy.poll_seconds
+                idle_left = kept.close_if_idle() if kept is not None else None
+                if idle_left is not None:
+                    timeout = min(timeout, idle_left)
+                self.wakeup.wait(name, timeout)
+                if kept is not None:
+                    kept.close_if_idle()
+        finally:
+            if kept is not None:
+                kept.close()
 
     # ------------------------------------------------------------------------------------- internals
 
-    def _sender(self, dest: Destination) -> DimseSender | StowSender:
+    def _sender(self, dest: Destination, *, first: bool = False) -> DimseSender | StowSender:
+        """A sender for one group; the first group of a batch reuses the kept association."""
+        if first and dest.name in self._kept and self._stop is not None:
+            return self._kept[dest.name]
         if dest.kind == "dicomweb":
             return StowSender(dest, max_instances=self.policy.stow_max_instances, max_bytes=self.policy.stow_max_bytes)
         return DimseSender(dest)
@@ -244,11 +280,12 @@ class Exporter:
             with renewing:
                 groups = split_evenly(items, min(self.policy.parallel, max(1, len(items) // MIN_PER_CONNECTION)))
                 if len(groups) == 1:
-                    self._sender(dest).send(groups[0], report)
+                    self._sender(dest, first=True).send(groups[0], report)
                 elif groups:
                     # Overlap our per-instance overhead with the PACS's processing time.
                     with ThreadPoolExecutor(max_workers=len(groups), thread_name_prefix=f"export-{dest.name}") as pool:
-                        for f in [pool.submit(self._sender(dest).send, g, report) for g in groups]:
+                        senders = [self._sender(dest, first=i == 0) for i in range(len(groups))]
+                        for f in [pool.submit(s.send, g, report) for s, g in zip(senders, groups, strict=True)]:
                             f.result()
         finally:
             apply_updates(self.engine, token, pending)

@@ -26,6 +26,7 @@ from sqlmodel import Session, col, select
 from dicom_node import leases
 from dicom_node.db import newest_page
 from dicom_node.export.models import DONE, FAILED, PENDING, SENDING, SUPERSEDED, OutboxRow
+from dicom_node.export.wakeup import ALL, notify
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ def enqueue(
     Idempotent per (SOP Instance UID, destination): queueing the same object again returns the
     existing rows. With an Engine the rows are committed before this returns; with a Session
     they are flushed and the caller commits (so a job's results and its outbox rows can share
-    one transaction).
+    one transaction). The exporter is woken when the rows commit (dicom_node.export.wakeup).
     """
     names = _destination_names(destinations)
     data, ds = part10_bytes(obj)
@@ -202,6 +203,7 @@ def enqueue(
             ]
             _insert_ignoring_duplicates(session, values)
             session.flush()
+            notify(session, missing)  # the exporter wakes when this transaction commits
         if existing:
             digest = hashlib.sha256(data).hexdigest()
             for r in existing.values():
@@ -360,6 +362,7 @@ def requeue(
                 .values(state=PENDING, attempts=0, next_attempt_at=now, updated_at=now, claim_token=None)
                 .execution_options(synchronize_session=False)
             )
+            notify(session, [destination or ALL])
             session.commit()
     if chosen:
         log.info("outbox: re-queued %d failed row(s)", len(chosen))

@@ -114,7 +114,8 @@ def configure(app: Celery, broker_url: str, *, consumer_timeout_ms: int = DEFAUL
         worker_prefetch_multiplier=1,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
-        # The embedded transport polls its table every 0.1 s (dicom_node.jobs.embedded_broker).
+        # The embedded transport is woken by each publish, polling every 0.1 s as the safety net
+        # (dicom_node.jobs.embedded_broker).
         broker_transport_options={"confirm_publish": True, "max_retries": 5} if amqp else {},
         broker_pool_limit=4,
         # Prefork, with pool children that survive a sibling's SIGKILL (dicom_node.jobs.pool).

@@ -74,3 +74,50 @@ def test_embedded_transport_polls_fast(tmp_path: Path) -> None:
     assert app.conf.broker_url.startswith(f"{ALIAS}+sqlite:///")
     with app.connection_for_write() as conn:
         assert isinstance(conn.transport, Transport) and conn.transport.polling_interval <= 0.1
+
+
+def test_embedded_transport_is_woken_by_a_publish(tmp_path: Path, monkeypatch) -> None:
+    """A consumer waiting on an empty queue gets a message published by another connection (as
+    the planner's, in another process) at once: with the poll set to 10 s only the bell can
+    deliver within the bound."""
+    import threading
+    import time
+
+    from kombu import Exchange, Queue
+
+    from dicom_node.jobs import embedded_broker as eb
+
+    monkeypatch.setattr(eb.Transport, "polling_interval", 10.0)
+    url = eb.embedded_url(ca.resolve_broker_url(f"sqla+sqlite:///{tmp_path}/b.db"))
+    queue = Queue("bell", Exchange("bell", type="direct"), routing_key="bell")
+    got: list[float] = []
+    ready = threading.Event()
+    transports: list[eb.Transport] = []
+
+    def consume() -> None:
+        with (
+            Connection(url) as conn,
+            conn.Consumer(queue, callbacks=[lambda _b, m: (got.append(time.monotonic()), m.ack())]),
+        ):
+            transports.append(conn.transport)
+            ready.set()
+            deadline = time.monotonic() + 8
+            while not got and time.monotonic() < deadline:
+                try:
+                    conn.drain_events(timeout=8)
+                except TimeoutError:
+                    pass
+
+    t = threading.Thread(target=consume, daemon=True)
+    t.start()
+    assert ready.wait(30)
+    deadline = time.monotonic() + 10
+    while transports[0]._bell is None and time.monotonic() < deadline:  # bound at its first empty poll
+        time.sleep(0.01)
+    assert transports[0]._bell is not None, "consumer never waited on its bell"
+    with Connection(url) as conn:
+        conn.SimpleQueue(queue).put({"job": 1})  # declares and binds too
+    published = time.monotonic()
+    t.join(15)
+    assert got, "message not consumed"
+    assert got[0] - published < 2.0
