@@ -49,7 +49,6 @@ def _dataset_sha256(path: Path) -> str:
 
 
 @pytest.mark.dcmtk
-@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs /proc")
 def test_large_instance_keeps_node_memory_bounded(tmp_path: Path, node_process: Any) -> None:
     """A 256 MiB instance grows the node process's peak RSS by far less than its size."""
     storescu = require_tool("storescu")

@@ -88,7 +88,6 @@ def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
 def test_associations_work_and_release_their_sockets(make_settings: Any, start_node: Any, tmp_path: Path) -> None:
     settings = make_settings(f"sqlite:///{tmp_path / 'i.db'}")
     node = start_node(settings, completion=False)
