@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import queue
 import threading
 import time
@@ -28,6 +27,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from dicom_node.logs import kv
+from dicom_node.storage import fsync_dir
 
 log = logging.getLogger("dicom_node.group_commit")
 
@@ -35,14 +35,6 @@ log = logging.getLogger("dicom_node.group_commit")
 Apply = Callable[[Connection, dict[Any, Any], Any], Any]
 
 RETRIES = 4  # per item, when a concurrent writer (another process) wins a race or a deadlock
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass

@@ -50,7 +50,8 @@ _ALLOCATED = re.compile(r"objects/[0-9a-f]{2}/[0-9a-f]{2}/[0-9a-f]{32}\.dcm")
 SHARD_FILES = 2_000
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a directory, so a rename or create inside it is durable (the entry, not the file)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -78,8 +79,8 @@ class Storage:
             return
         for i in range(256):
             (self.objects_dir / f"{i:02x}").mkdir(exist_ok=True)
-        _fsync_dir(self.objects_dir)
-        _fsync_dir(self.root)
+        fsync_dir(self.objects_dir)
+        fsync_dir(self.root)
 
     # ------------------------------------------------------------------ checks
 
@@ -138,7 +139,7 @@ class Storage:
                 if not d.is_dir():
                     d.mkdir(parents=True, exist_ok=True)
                     # The new directory's entry must survive a crash as well.
-                    _fsync_dir(d.parent)
+                    fsync_dir(d.parent)
                 self._shard, self._shard_left = d, SHARD_FILES
             self._shard_left -= 1
             return self._shard
@@ -197,7 +198,7 @@ class Storage:
                 final_dir = self._object_dir()
             final = final_dir / f"{name}.dcm"
             os.replace(tmp, final)
-            _fsync_dir(final_dir)
+            fsync_dir(final_dir)
             t2 = time.perf_counter()
             self.crash_point("after_rename")
         except BaseException:
@@ -284,8 +285,8 @@ class Storage:
         dst = qdir / src.name
         (qdir / f"{src.name}.reason").write_text(reason + "\n")
         os.replace(src, dst)
-        _fsync_dir(qdir)
-        _fsync_dir(src.parent)
+        fsync_dir(qdir)
+        fsync_dir(src.parent)
         return dst
 
     def crash_point(self, name: str) -> None:
