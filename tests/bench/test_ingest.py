@@ -115,3 +115,16 @@ def test_smoke_run_all_three_legs(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert sorted(doc["best"]) == sorted(f"{t}/{a}" for t in ("node", "storescp", "orthanc") for a in (1, 8))
     assert all(r["verified"] and r["received"] == 5 for r in doc["runs"])
     assert "C-STORE ingest, 5 CT slices" in printed and "vs Orthanc" in printed
+
+
+@pytest.mark.dcmtk
+@pytest.mark.timeout(120)
+def test_floor_leg_stores_through_the_node_handler(tmp_path: Path):
+    """The floor leg (benchmarks/acceptor_floor.py) stores and indexes like the node: every file
+    it acknowledged is in storage with its index row, and its per-instance split is read."""
+    files = make_ct_series(tmp_path / "ct", 4, rows=32, cols=32)
+    warm = make_ct_series(tmp_path / "w", 1, rows=32, cols=32, patient_id="W")[0]
+    for assoc in (1, 2):
+        run = ingest.run_once("floor", assoc, files, warm, tmp_path / f"floor{assoc}", settle_timeout=5.0)
+        assert run.verified and run.received == 4, run.note
+        assert set(run.split) == {"transport_ms", "handler_ms", "write_ms", "fsync_ms", "index_ms"}
