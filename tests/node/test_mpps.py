@@ -258,3 +258,42 @@ def test_bad_mpps_gets_the_standard_status(
     # The calling-AE allow-list applies to MPPS as to C-STORE: the association is rejected.
     other = _mpps_assoc(node.port, calling="STRANGER")
     assert other.is_rejected
+
+
+def test_listener_processes_wake_the_monitor(db_url: str, make_settings: Any, start_node: Any) -> None:
+    """[node] listeners = 2: MPPS N-SET, a count reached and the last instance a COMPLETED step
+    waited for arrive in listener processes, and reach the monitor in this (the supervisor's)
+    process by notification (PostgreSQL NOTIFY / the SQLite wake-up socket), not by its 30 s
+    safety interval or the 600 s quiet periods."""
+    interval = 30.0
+    settings = make_settings(db_url, node={"listeners": 2}, completion={**SLOW, "check_interval_seconds": interval})
+    node = start_node(settings)
+    got: list[StudyCompleted] = []
+    node.monitor.on_study_complete(got.append)
+    study, series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    cts = [make_ct(study, series, instance_number=i) for i in range(3)]
+    mpps_uid = pydicom.uid.generate_uid()
+    assoc = _mpps_assoc(node.port)
+    assert assoc.is_established
+    try:
+        assert _n_create(assoc, _create_ds(study), mpps_uid) == 0x0000
+        assert [s.Status for s in store(node.port, cts[:2])] == [0, 0]
+        listed = {series: [ds.SOPInstanceUID for ds in cts]}
+        assert _n_set(assoc, _final_ds("COMPLETED", listed), mpps_uid) == 0x0000
+    finally:
+        assoc.release()
+    # The monitor, woken by the N-SET, now wants every instance: the last one wakes it again.
+    _wait(lambda: node._every_instance.value == 1, "the monitor to ask for every instance")
+    assert [s.Status for s in store(node.port, cts[2:])] == [0]
+    _wait(lambda: got, "the mpps completion", timeout=interval / 2)
+    assert (got[0].study_instance_uid, got[0].reason, got[0].instance_count) == (study, "mpps", 3)
+    assert got[0].latency_seconds < interval / 2
+
+    counted, counted_series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    pair = [make_ct(counted, counted_series, instance_number=i) for i in range(2)]
+    for ds in pair:
+        ds.ImagesInAcquisition, ds.AcquisitionNumber = 2, 1
+    assert [s.Status for s in store(node.port, pair)] == [0, 0]
+    _wait(lambda: len(got) == 2, "the count completion", timeout=interval / 2)
+    assert (got[1].study_instance_uid, got[1].reason) == (counted, "count")
+    assert got[1].latency_seconds < interval / 2
