@@ -20,9 +20,13 @@ Known completion first, timers as the fall-back:
   silently into work already dispatched.
 
 All state lives in the DB, so a restarted monitor recomputes every timer from the stored
-timestamps. Subscribers (`on_study_complete`) run after the completion commit; a revision is
-marked `notified_at` only when all of them returned, so a crash in between re-delivers it on
-the next poll (at-least-once: subscribers must be idempotent per (study, revision)).
+timestamps. The background loop sleeps until the earliest of those timers (`next_deadline`) or
+until woken (`wake`: an MPPS ended, a count reached, a new series or revision opened, or, while
+a COMPLETED step still waits for instances it lists, any new instance; see `CompletionWaker`),
+with `check_interval_seconds` only as the safety net. Subscribers (`on_study_complete`) run
+after the completion commit; a revision is marked `notified_at` only when all of them returned,
+so a crash in between re-delivers it on the next poll (at-least-once: subscribers must be
+idempotent per (study, revision)).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, exists, or_, select, update
+from sqlalchemy import and_, exists, func, or_, select, update
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
@@ -50,6 +54,7 @@ from dicom_node.models import (
     Instance,
     Mpps,
     MppsReference,
+    MppsStudy,
     Series,
     Study,
     StudyRevision,
@@ -83,10 +88,12 @@ EARLY = (REASON_MPPS, REASON_COUNT)
 
 
 def _pending_mpps_studies() -> Any:
-    """Study ids with an MPPS not yet applied: IN PROGRESS, or final with instances missing."""
+    """Study ids named by an MPPS not yet applied (IN PROGRESS, or final with instances missing):
+    every study of its Scheduled Step Attributes Sequence."""
     return (
         select(Study.id)
-        .join(Mpps, Mpps.study_instance_uid == Study.study_instance_uid)
+        .join(MppsStudy, MppsStudy.study_instance_uid == Study.study_instance_uid)
+        .join(Mpps, Mpps.id == MppsStudy.mpps_pk)
         .where(Mpps.applied_at.is_(None))
     )
 
@@ -100,8 +107,51 @@ def _pending_mpps_series() -> Any:
     )
 
 
+class Flag:
+    """A bool with `.value`, like the `multiprocessing.Value("b")` that replaces it across processes."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+
+class CompletionWaker:
+    """What a listener calls after storing an instance, and on MPPS / count events (`waker()`).
+
+    It wakes the monitor (through `wake`: `CompletionMonitor.wake` in the same process, a
+    cross-process notification otherwise) when the monitor has something new to time or decide:
+    the series reached its count, a (series, revision) this process has not seen opened (a new
+    quiet deadline the sleeping monitor does not know), or the monitor asked for every instance
+    (`every_instance.value`, set while a COMPLETED/DISCONTINUED step waits for instances it lists).
+    Further instances of a known series only move its deadline later, which the monitor finds
+    when it wakes at the earlier one.
+    """
+
+    MAX_KEYS = 50_000  # then forget them all: costs one extra wake per open series
+
+    def __init__(self, wake: Callable[[], None], every_instance: Any | None = None) -> None:
+        self.wake = wake
+        self.every_instance = every_instance if every_instance is not None else Flag()
+        self._seen: set[tuple[str, int]] = set()  # races between threads only cost a second wake
+
+    def __call__(self) -> None:
+        self.wake()
+
+    def stored(self, outcome: Any) -> None:
+        """After `Ingest.receive*` returned `outcome` (an `ingest.Outcome`) for a committed instance."""
+        if outcome.action not in ("stored", "duplicate_replaced"):  # nothing new for the study
+            return
+        key = (outcome.series_instance_uid, outcome.revision)
+        new = key not in self._seen
+        if new:
+            if len(self._seen) >= self.MAX_KEYS:
+                self._seen.clear()
+            self._seen.add(key)
+        if new or outcome.count_reached or self.every_instance.value:
+            self.wake()
+
+
 class CompletionMonitor:
-    def __init__(self, engine: Engine, settings: Settings) -> None:
+    def __init__(self, engine: Engine, settings: Settings, every_instance: Any | None = None) -> None:
         self.engine = engine
         self._read_engine = engine.execution_options(readonly=True)
         c = settings.completion
@@ -110,9 +160,13 @@ class CompletionMonitor:
         self.force = timedelta(seconds=c.force_complete_seconds)
         self.announced_wait = timedelta(seconds=c.announced_wait_seconds)
         self.use_counts = c.images_in_acquisition
-        self.interval = c.check_interval_seconds
+        self.interval = c.check_interval_seconds  # the safety net: deadlines and wake-ups come first
+        # Set while a final MPPS waits for instances it lists: listeners then wake us per instance.
+        self.every_instance = every_instance if every_instance is not None else Flag()
+        self._awaiting = False
         self._subscribers: list[Subscriber] = []
-        self._loop = Periodic("completion-monitor", self.poll, lambda: self.interval, log)
+        self._next_wait = 0.0
+        self._loop = Periodic("completion-monitor", self._round, lambda: self._next_wait, log)
 
     def on_study_complete(self, callback: Subscriber) -> Subscriber:
         """Register a subscriber (usable as a decorator)."""
@@ -134,6 +188,46 @@ class CompletionMonitor:
     def wake(self) -> None:
         """Run the next round now (an MPPS was completed, a count reached): no wait for the interval."""
         self._loop.wake()
+
+    def _round(self) -> None:
+        """One round of the background loop, then how long to sleep: until the next deadline,
+        at most `check_interval_seconds`."""
+        self._next_wait = self.interval  # if the round fails, retry after the safety interval
+        now = datetime.now(UTC)
+        was = self.every_instance.value
+        self.poll(now)
+        self.every_instance.value = int(self._awaiting)
+        if self._awaiting and not was:
+            # An instance committed before the listeners saw the flag was not announced: look again.
+            self._next_wait = 0.0
+            return
+        deadline = self.next_deadline(now)
+        if deadline is not None:
+            wait = (deadline - datetime.now(UTC)).total_seconds() + 0.001  # not a hair early
+            self._next_wait = max(0.0, min(self.interval, wait))
+
+    def next_deadline(self, now: datetime) -> datetime | None:
+        """The earliest time after `now` at which a timer of an open series, revision or MPPS step
+        ends (quiet periods, announced wait, force, MPPS give-up); None when nothing is open.
+
+        Each timer is `column + offset`, so "ends after now" is `column > now - offset`: min()
+        over rows still open, then the offset added in Python (no date arithmetic in SQL)."""
+        give_up = max(self.force, self.announced_wait)
+        timers = [
+            (Series.last_received_at, self.series_quiet, Series.state == RECEIVING),
+            (Series.last_received_at, self.announced_wait, Series.state == RECEIVING),
+            (StudyRevision.last_received_at, self.study_quiet, StudyRevision.state == RECEIVING),
+            (StudyRevision.last_received_at, self.announced_wait, StudyRevision.state == RECEIVING),
+            (StudyRevision.first_received_at, self.force, StudyRevision.state == RECEIVING),
+            (Mpps.updated_at, give_up, Mpps.applied_at.is_(None)),
+        ]
+        query = select(
+            *(select(func.min(col)).where(open_, col > now - offset).scalar_subquery() for col, offset, open_ in timers)
+        )
+        with Session(self._read_engine) as s:
+            row = s.execute(query).one()
+        ends = [at + offset for at, (_, offset, _) in zip(row, timers, strict=True) if at is not None]
+        return min(ends, default=None)
 
     def _apply_mpps(self, now: datetime) -> None:
         """Complete the series of each COMPLETED/DISCONTINUED MPPS whose listed instances have all
@@ -163,6 +257,7 @@ class CompletionMonitor:
                     )
                 ).scalar()
             ]
+        self._awaiting = any(p.state in MPPS_FINAL and p.id not in stale and p.id not in whole for p in pending)
         if stale:
             with Session(self.engine) as s:
                 s.execute(update(Mpps).where(Mpps.id.in_(stale), Mpps.applied_at.is_(None)).values(applied_at=now))

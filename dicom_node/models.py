@@ -170,7 +170,8 @@ class Mpps(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     sop_instance_uid: str = Field(max_length=64, unique=True)
     state: str = Field(max_length=16)  # IN PROGRESS | COMPLETED | DISCONTINUED
-    # First StudyInstanceUID of the Scheduled Step Attributes Sequence (0040,0270).
+    # First StudyInstanceUID of the Scheduled Step Attributes Sequence (0040,0270); every one
+    # of them (a step may name several studies, PS3.4 F.7.2 / F.8) is a row of `mpps_study`.
     study_instance_uid: str | None = Field(default=None, max_length=64)
     calling_ae: str = Field(max_length=16)
     remote_ip: str = Field(max_length=64)
@@ -191,3 +192,16 @@ class MppsReference(SQLModel, table=True):
     mpps_pk: int = Field(foreign_key="mpps.id", index=True)
     series_instance_uid: str = Field(max_length=64)
     sop_instance_uid: str = Field(max_length=64, index=True)
+
+
+class MppsStudy(SQLModel, table=True):
+    """One study a performed procedure step names: the Study Instance UID of each item of its
+    Scheduled Step Attributes Sequence (0040,0270); one step may perform several requested
+    procedures of different studies (PS3.4 F.7.2, Table F.7.2-1; the group case of F.8)."""
+
+    __tablename__ = "mpps_study"
+    __table_args__ = (UniqueConstraint("mpps_pk", "study_instance_uid", name="uq_mpps_study"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    mpps_pk: int = Field(foreign_key="mpps.id", index=True)
+    study_instance_uid: str = Field(max_length=64, index=True)

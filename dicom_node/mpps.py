@@ -2,9 +2,12 @@
 
 A modality creates its step IN PROGRESS (N-CREATE) and ends it with an N-SET to COMPLETED or
 DISCONTINUED, listing the series and instances it produced (Performed Series Sequence ->
-Referenced Image Sequence / Referenced Non-Image Composite SOP Instance Sequence). The step and
-its references are rows (`Mpps`, `MppsReference`); the completion monitor
-(dicom_node/completion.py) completes the listed series once every listed instance has arrived.
+Referenced Image Sequence / Referenced Non-Image Composite SOP Instance Sequence). The step, the
+studies it names (every item of the Scheduled Step Attributes Sequence: one step may perform
+requested procedures of several studies, PS3.4 F.7.2 Table F.7.2-1 and the group case of F.8)
+and its references are rows (`Mpps`, `MppsStudy`, `MppsReference`); the completion monitor
+(dicom_node/completion.py) holds each named study while the step is IN PROGRESS and completes
+the listed series, whatever their study, once every listed instance has arrived.
 
 Statuses (PS3.4 F.7.2.1.2, F.7.2.2.2; PS3.7 C.4):
 - N-CREATE of a known SOP Instance UID: 0x0111 Duplicate SOP Instance;
@@ -34,7 +37,15 @@ from sqlalchemy.exc import IntegrityError
 
 from dicom_node.ingest import UID_RE, Peer, printable, record_rejection
 from dicom_node.logs import kv
-from dicom_node.models import MPPS_COMPLETED, MPPS_DISCONTINUED, MPPS_FINAL, MPPS_IN_PROGRESS, Mpps, MppsReference
+from dicom_node.models import (
+    MPPS_COMPLETED,
+    MPPS_DISCONTINUED,
+    MPPS_FINAL,
+    MPPS_IN_PROGRESS,
+    Mpps,
+    MppsReference,
+    MppsStudy,
+)
 from sr_writers.uids import new_uid
 
 log = logging.getLogger("dicom_node.mpps")
@@ -50,6 +61,7 @@ STATES = (MPPS_IN_PROGRESS, MPPS_COMPLETED, MPPS_DISCONTINUED)
 
 REFS = MppsReference.__table__  # type: ignore[attr-defined]
 STEPS = Mpps.__table__  # type: ignore[attr-defined]
+STUDIES = MppsStudy.__table__  # type: ignore[attr-defined]
 
 
 class MppsRefused(Exception):
@@ -106,11 +118,13 @@ def _references(ds: Dataset) -> list[Reference] | None:
     return list(refs.values())
 
 
-def _study_uid(ds: Dataset) -> str | None:
+def _study_uids(ds: Dataset) -> list[str]:
+    """The distinct Study Instance UIDs of the Scheduled Step Attributes Sequence, in order."""
+    uids: dict[str, None] = {}
     for item in ds.get("ScheduledStepAttributesSequence") or []:
         if item.get("StudyInstanceUID"):
-            return _uid(item.StudyInstanceUID, "Study Instance UID of Scheduled Step Attributes Sequence")
-    return None
+            uids[_uid(item.StudyInstanceUID, "Study Instance UID of Scheduled Step Attributes Sequence")] = None
+    return list(uids)
 
 
 class MppsStore:
@@ -130,7 +144,7 @@ class MppsStore:
                 "mpps_create_not_in_progress",
                 f"N-CREATE with Performed Procedure Step Status {state}: it must be IN PROGRESS (PS3.4 F.7.2.1)",
             )
-        study = _study_uid(ds)
+        studies = _study_uids(ds)
         refs = _references(ds) or []
         now = datetime.now(UTC)
         try:
@@ -140,7 +154,7 @@ class MppsStore:
                     .values(
                         sop_instance_uid=uid,
                         state=state,
-                        study_instance_uid=study,
+                        study_instance_uid=studies[0] if studies else None,
                         calling_ae=peer.calling_ae,
                         remote_ip=peer.remote_ip,
                         created_at=now,
@@ -148,12 +162,16 @@ class MppsStore:
                     )
                     .returning(STEPS.c.id)
                 ).scalar_one()
+                self._write_studies(conn, pk, studies)
                 self._write_refs(conn, pk, refs)
         except IntegrityError as exc:
             raise MppsRefused(
                 DUPLICATE_SOP_INSTANCE, "mpps_duplicate", "N-CREATE of an MPPS SOP Instance that exists already"
             ) from exc
-        log.info("mpps created", extra=kv(mpps=pk, calling_ae=printable(peer.calling_ae), references=len(refs)))
+        log.info(
+            "mpps created",
+            extra=kv(mpps=pk, calling_ae=printable(peer.calling_ae), studies=len(studies), references=len(refs)),
+        )
         return uid
 
     def set(self, sop_instance_uid: str | None, ds: Dataset, peer: Peer) -> str:
@@ -177,9 +195,13 @@ class MppsStore:
             values: dict[str, Any] = {"updated_at": datetime.now(UTC), "applied_at": None}
             if state is not None:
                 values["state"] = state
-            if "ScheduledStepAttributesSequence" in ds:
-                values["study_instance_uid"] = _study_uid(ds)
+            studies = _study_uids(ds) if "ScheduledStepAttributesSequence" in ds else None
+            if studies is not None:
+                values["study_instance_uid"] = studies[0] if studies else None
             conn.execute(update(STEPS).where(STEPS.c.id == row.id).values(**values))
+            if studies is not None:  # replaced as a whole, like the references
+                conn.execute(delete(STUDIES).where(STUDIES.c.mpps_pk == row.id))
+                self._write_studies(conn, row.id, studies)
             if refs is not None:  # an N-SET value replaces the whole sequence (PS3.4 F.7.2.2)
                 conn.execute(delete(REFS).where(REFS.c.mpps_pk == row.id))
                 self._write_refs(conn, row.id, refs)
@@ -191,6 +213,11 @@ class MppsStore:
         if new_state in MPPS_FINAL and self.on_final is not None:
             self.on_final()
         return new_state
+
+    @staticmethod
+    def _write_studies(conn: Any, mpps_pk: int, studies: list[str]) -> None:
+        if studies:
+            conn.execute(insert(STUDIES), [{"mpps_pk": mpps_pk, "study_instance_uid": uid} for uid in studies])
 
     @staticmethod
     def _write_refs(conn: Any, mpps_pk: int, refs: list[Reference]) -> None:

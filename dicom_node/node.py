@@ -4,6 +4,11 @@ With `[node] listeners = 1` the listener runs as threads of this process. With N
 listener processes bind the same port with SO_REUSEPORT (the kernel spreads connections
 across them, which sidesteps the GIL); this process supervises them (restarts one that dies)
 and runs the completion monitor. Every process writes to the same index and storage.
+
+Listeners wake the monitor (`completion.CompletionWaker`): in-process by `CompletionMonitor.wake`;
+from listener processes by a notification on `export.wakeup.COMPLETION` (PostgreSQL NOTIFY, or a
+datagram to the abstract socket named after the SQLite file) that the supervisor listens for.
+A shared byte (`every_instance`) tells them when the monitor wants to hear of every instance.
 """
 
 from __future__ import annotations
@@ -14,11 +19,13 @@ import os
 import signal
 import threading
 import time
+from functools import partial
 from typing import Any
 
-from dicom_node.completion import CompletionMonitor
+from dicom_node.completion import CompletionMonitor, CompletionWaker
 from dicom_node.config import Settings
 from dicom_node.db import init_db, make_engine
+from dicom_node.export.wakeup import COMPLETION, Wakeup, announce
 from dicom_node.ingest import Ingest
 from dicom_node.logs import guard_phi, kv, setup_logging
 from dicom_node.metrics import observe_completion
@@ -47,15 +54,20 @@ def make_ingest(settings: Settings, engine: Any = None) -> Ingest:
     )
 
 
-def _listener_process(settings: Settings, slot: int, shared: Any, ready: Any) -> None:
-    """Entry point of one listener process (spawned)."""
+def _listener_process(settings: Settings, slot: int, shared: Any, ready: Any, every_instance: Any) -> None:
+    """Entry point of one listener process (spawned). `every_instance` is None without a monitor."""
     setup_logging()
     guard_phi(settings.node.log_phi)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     ingest = make_ingest(settings)
-    listener = Listener(settings, ingest, reuse_port=True, active=ActiveAssociations(shared, slot))
+    waker = None
+    if every_instance is not None:  # the monitor runs in the supervisor: wake it by notification
+        waker = CompletionWaker(partial(announce, ingest.engine, COMPLETION), every_instance)
+    listener = Listener(
+        settings, ingest, reuse_port=True, active=ActiveAssociations(shared, slot), wake_completion=waker
+    )
     listener.start()
     ready.set()
     while not stop.wait(0.5):
@@ -70,11 +82,14 @@ class Node:
     def __init__(self, settings: Settings, *, completion: bool = True) -> None:
         self.settings = settings
         self.engine = node_engine(settings)
-        self.monitor = CompletionMonitor(self.engine, settings) if completion else None
+        self._ctx = mp.get_context("spawn")
+        # Set by the monitor while it wants every instance announced (shared with listener processes).
+        self._every_instance = self._ctx.Value("b", 0, lock=False) if completion else None
+        self.monitor = CompletionMonitor(self.engine, settings, self._every_instance) if completion else None
         if self.monitor is not None:
             self.monitor.on_study_complete(observe_completion)
+        self._monitor_wakeup: Wakeup | None = None
         self.listener: Listener | None = None
-        self._ctx = mp.get_context("spawn")
         n = settings.node.listeners
         self._shared = self._ctx.Array("i", n, lock=False) if n > 1 else None
         self._procs: list[Any] = []
@@ -91,11 +106,18 @@ class Node:
         reconcile(ingest)
         n = self.settings.node.listeners
         if n == 1:
-            wake = self.monitor.wake if self.monitor is not None else None
-            self.listener = Listener(self.settings, ingest, wake_completion=wake)
+            waker = None
+            if self.monitor is not None:
+                waker = CompletionWaker(self.monitor.wake, self._every_instance)
+            self.listener = Listener(self.settings, ingest, wake_completion=waker)
             self.listener.start()
         else:
             ingest.close()  # the listener processes have their own
+            if self.monitor is not None:
+                monitor = self.monitor
+                self._monitor_wakeup = Wakeup(
+                    self.engine, [], channel=COMPLETION, on_wake=lambda _name: monitor.wake(), label="completion"
+                ).start()
             for slot in range(n):
                 self._procs.append(self._spawn(slot))
             self._supervisor = threading.Thread(target=self._supervise, name="listener-supervisor", daemon=True)
@@ -117,7 +139,9 @@ class Node:
     def _spawn(self, slot: int) -> Any:
         ready = self._ctx.Event()
         p = self._ctx.Process(
-            target=_listener_process, args=(self.settings, slot, self._shared, ready), name=f"listener-{slot}"
+            target=_listener_process,
+            args=(self.settings, slot, self._shared, ready, self._every_instance),
+            name=f"listener-{slot}",
         )
         p.start()
         if not ready.wait(60):
@@ -160,6 +184,9 @@ class Node:
                 p.kill()
                 p.join(5)
         self._procs.clear()
+        if self._monitor_wakeup is not None:
+            self._monitor_wakeup.stop()
+            self._monitor_wakeup = None
         if self.monitor is not None:
             self.monitor.stop()
         self.engine.dispose()

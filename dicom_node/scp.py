@@ -45,6 +45,7 @@ from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import Verification, register_uid, uid_to_service_class
 from pynetdicom.transport import ThreadedAssociationServer
 
+from dicom_node.completion import CompletionWaker
 from dicom_node.config import Settings
 from dicom_node.count_query import CountQueries
 from dicom_node.ingest import (
@@ -211,11 +212,11 @@ class Listener:
         *,
         reuse_port: bool = False,
         active: ActiveAssociations | None = None,
-        wake_completion: Callable[[], None] | None = None,
+        wake_completion: CompletionWaker | None = None,
     ) -> None:
         self.settings = settings
         self.ingest = ingest
-        # These tell the completion monitor (when it runs in this process) to look now.
+        # Tells the completion monitor (in this process or, through a notification, another) to look now.
         self.wake_completion = wake_completion
         self.mpps = MppsStore(ingest.engine, on_final=wake_completion)
         sources = settings.completion.count_sources
@@ -554,8 +555,8 @@ class Listener:
                 sop_class_uid=str(request.AffectedSOPClassUID or ""),
             )
             return _status(PROCESSING_FAILURE, "Processing failure: instance not stored")
-        if outcome.count_reached and self.wake_completion is not None:
-            self.wake_completion()
+        if self.wake_completion is not None:
+            self.wake_completion.stored(outcome)
         if self.counts is not None and outcome.action == "stored":
             self.counts.seen(peer.calling_ae, outcome.study_instance_uid, outcome.series_instance_uid)
         if stats is not None:

@@ -202,3 +202,54 @@ def test_kept_association_dropped_by_the_peer_is_replaced_without_a_failed_attem
     with Session(sqlite_engine) as s:
         rows = s.exec(select(OutboxRow)).all()
     assert [(r.state, r.attempts) for r in rows] == [("done", 1), ("done", 1)]
+
+
+@pytest.mark.dcmtk
+@pytest.mark.postgres
+def test_listen_connection_terminated_by_the_server_reconnects(
+    pg_url: str, storage, make_settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PostgreSQL ends the exporter's LISTEN backend (pg_terminate_backend, as a restart or an
+    idle-session kill would): the exporter reconnects, logs the loss and the return once each,
+    and a commit wakes it again (the 30 s poll cannot explain a delivery within seconds)."""
+    import logging
+
+    from sqlalchemy import text
+
+    from dicom_node.db import init_db, make_engine
+
+    require_tool("storescp")
+    caplog.set_level(logging.INFO, logger="dicom_node.export.wakeup")
+    init_db(pg_url)
+    engine = make_engine(pg_url)
+    ct = ct_slices(tmp_path / "ct", 2)
+    try:
+        with StoreSCP(tmp_path / "scp") as scp:
+            settings = make_settings(engine, [_scp_dest(scp)], poll_seconds=POLL)
+            seen = Delivered()
+            exporter = Exporter(settings, engine, storage, on_result=seen)
+            stop, t = _running(exporter)
+            try:
+                wakeup = exporter.wakeup
+                assert wakeup.listening.wait(10), "LISTEN connection not up"
+                first_pid = wakeup.backend_pid
+                with engine.connect() as conn:
+                    assert conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": first_pid}).scalar()
+                deadline = time.monotonic() + 20
+                while wakeup.reconnects < 1 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert wakeup.reconnects == 1 and wakeup.listening.is_set()
+                assert wakeup.backend_pid not in (None, first_pid)
+                # Two outputs one after the other: the second arrives while the loop waits on its
+                # event, so only the NOTIFY on the new connection can deliver it in time.
+                for ds in ct:
+                    enqueue(engine, storage, ds, ["scp"])
+                    seen.wait_for(str(ds.SOPInstanceUID), WOKEN_WITHIN)
+            finally:
+                stop.set()
+                t.join(30)
+    finally:
+        engine.dispose()
+    lines = [r.getMessage() for r in caplog.records if r.name == "dicom_node.export.wakeup"]
+    assert len([m for m in lines if "LISTEN connection lost" in m]) == 1, lines
+    assert len([m for m in lines if "LISTEN connection back after" in m]) == 1, lines

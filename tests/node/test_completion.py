@@ -151,3 +151,48 @@ def test_running_node_completes_study(db_url: str, make_settings: Any, start_nod
     # The quiet period was waited for; how soon after it completion fires is a benchmark figure
     # (benchmarks/e2e.py, "completion lag"), not a test bound.
     assert got[0].latency_seconds >= 0.5
+
+
+def test_next_deadline_is_the_earliest_open_timer(db_url: str, make_settings: Any) -> None:
+    """What the background loop sleeps until: the earliest quiet / announced-wait / force timer
+    still ahead of `now`, from the index alone; None once nothing is open."""
+    settings, ingest = _setup(make_settings, db_url, announced_wait_seconds=300, images_in_acquisition=True)
+    monitor = CompletionMonitor(ingest.engine, settings)
+    assert monitor.next_deadline(datetime.now(UTC)) is None  # nothing open
+    study = pydicom.uid.generate_uid()
+    ds = make_ct(study)
+    ds.ImagesInAcquisition, ds.AcquisitionNumber = 2, 1  # announces one more instance than it sends
+    _receive(ingest, ds)
+    with Session(ingest.engine) as s:
+        last = s.exec(select(Series)).one().last_received_at
+    t = last + timedelta(seconds=1)
+    assert monitor.next_deadline(t) == last + timedelta(seconds=30)  # the series' quiet period
+    t = last + timedelta(seconds=31)
+    assert monitor.poll(t) == []  # quiet, but held for its count: nothing completed
+    assert monitor.next_deadline(t) == last + timedelta(seconds=60)  # the study's quiet period
+    assert monitor.next_deadline(last + timedelta(seconds=61)) == last + timedelta(seconds=300)  # announced wait
+    assert len(monitor.poll(last + timedelta(seconds=301))) == 1
+    assert monitor.next_deadline(last + timedelta(seconds=301)) is None
+
+
+def test_monitor_sleeps_until_the_quiet_deadline_not_the_interval(
+    db_url: str, make_settings: Any, start_node: Any
+) -> None:
+    """1 s quiet periods, a 30 s safety interval: the monitor, asleep on an idle index, is woken by
+    the new series, then sleeps exactly until the quiet period after the last instance ends."""
+    interval = 30.0
+    quiet = {"study_quiet_seconds": 1, "series_quiet_seconds": 1, "check_interval_seconds": interval}
+    node = start_node(make_settings(db_url, completion=quiet))
+    got: list[StudyCompleted] = []
+    node.monitor.on_study_complete(got.append)
+    time.sleep(0.2)  # its first round found nothing open: it now sleeps the safety interval
+    study = pydicom.uid.generate_uid()
+    sent = [make_ct(study, instance_number=i) for i in range(4)]
+    assert [s.Status for s in store(node.port, sent)] == [0] * 4
+    deadline = time.monotonic() + 15
+    while not got and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(got) == 1 and got[0].instance_count == 4 and got[0].reason == "quiet"
+    # Recorded times, relative to the last instance: the quiet period, plus a bound generous for
+    # a loaded machine yet far below the 30 s interval the monitor used to sleep.
+    assert 1.0 <= got[0].latency_seconds < 6.0

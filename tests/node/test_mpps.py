@@ -23,7 +23,7 @@ from dicom_node.completion import CompletionMonitor, StudyCompleted
 from dicom_node.console.tree import timeline_tree
 from dicom_node.jobs.admin import study_timeline
 from dicom_node.metrics import IndexCollector
-from dicom_node.models import Mpps, Rejection, Series, StudyRevision
+from dicom_node.models import Mpps, MppsStudy, Rejection, Series, StudyRevision
 from tests.node.conftest import NODE_AET, make_ct, store
 
 TIMERS = {"study_quiet_seconds": 60, "series_quiet_seconds": 30, "force_complete_seconds": 3600}
@@ -37,12 +37,14 @@ def _mpps_assoc(port: int, calling: str = "MODALITY") -> Any:
     return ae.associate("127.0.0.1", port, ae_title=NODE_AET)
 
 
-def _create_ds(study_uid: str, state: str = "IN PROGRESS") -> Dataset:
+def _create_ds(study_uid: str, state: str = "IN PROGRESS", *more_studies: str) -> Dataset:
     ds = Dataset()
-    item = Dataset()
-    item.StudyInstanceUID = study_uid
-    item.AccessionNumber = "ACC1"
-    ds.ScheduledStepAttributesSequence = [item]
+    ds.ScheduledStepAttributesSequence = []
+    for n, uid in enumerate((study_uid, *more_studies), 1):
+        item = Dataset()
+        item.StudyInstanceUID = uid
+        item.AccessionNumber = f"ACC{n}"
+        ds.ScheduledStepAttributesSequence.append(item)
     ds.PatientName = "Test^Patient"
     ds.PatientID = "PAT-1"
     ds.PerformedProcedureStepID = "PPS1"
@@ -258,3 +260,100 @@ def test_bad_mpps_gets_the_standard_status(
     # The calling-AE allow-list applies to MPPS as to C-STORE: the association is rejected.
     other = _mpps_assoc(node.port, calling="STRANGER")
     assert other.is_rejected
+
+
+def test_listener_processes_wake_the_monitor(db_url: str, make_settings: Any, start_node: Any) -> None:
+    """[node] listeners = 2: MPPS N-SET, a count reached and the last instance a COMPLETED step
+    waited for arrive in listener processes, and reach the monitor in this (the supervisor's)
+    process by notification (PostgreSQL NOTIFY / the SQLite wake-up socket), not by its 30 s
+    safety interval or the 600 s quiet periods."""
+    interval = 30.0
+    settings = make_settings(db_url, node={"listeners": 2}, completion={**SLOW, "check_interval_seconds": interval})
+    node = start_node(settings)
+    got: list[StudyCompleted] = []
+    node.monitor.on_study_complete(got.append)
+    study, series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    cts = [make_ct(study, series, instance_number=i) for i in range(3)]
+    mpps_uid = pydicom.uid.generate_uid()
+    assoc = _mpps_assoc(node.port)
+    assert assoc.is_established
+    try:
+        assert _n_create(assoc, _create_ds(study), mpps_uid) == 0x0000
+        assert [s.Status for s in store(node.port, cts[:2])] == [0, 0]
+        listed = {series: [ds.SOPInstanceUID for ds in cts]}
+        assert _n_set(assoc, _final_ds("COMPLETED", listed), mpps_uid) == 0x0000
+    finally:
+        assoc.release()
+    # The monitor, woken by the N-SET, now wants every instance: the last one wakes it again.
+    _wait(lambda: node._every_instance.value == 1, "the monitor to ask for every instance")
+    assert [s.Status for s in store(node.port, cts[2:])] == [0]
+    _wait(lambda: got, "the mpps completion", timeout=interval / 2)
+    assert (got[0].study_instance_uid, got[0].reason, got[0].instance_count) == (study, "mpps", 3)
+    assert got[0].latency_seconds < interval / 2
+
+    counted, counted_series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    pair = [make_ct(counted, counted_series, instance_number=i) for i in range(2)]
+    for ds in pair:
+        ds.ImagesInAcquisition, ds.AcquisitionNumber = 2, 1
+    assert [s.Status for s in store(node.port, pair)] == [0, 0]
+    _wait(lambda: len(got) == 2, "the count completion", timeout=interval / 2)
+    assert (got[1].study_instance_uid, got[1].reason) == (counted, "count")
+    assert got[1].latency_seconds < interval / 2
+
+
+def test_mpps_naming_several_studies_holds_and_completes_each(db_url: str, make_settings: Any, start_node: Any) -> None:
+    """One step performing requested procedures of two studies (two Scheduled Step Attributes
+    Sequence items, PS3.4 F.7.2 / F.8): both studies are held while it is IN PROGRESS and both
+    complete (mpps) when it is COMPLETED, each with its own listed series."""
+    settings = make_settings(db_url, completion={**TIMERS})
+    node = start_node(settings, completion=False)
+    monitor = CompletionMonitor(node.engine, settings)
+    studies = [pydicom.uid.generate_uid() for _ in range(2)]
+    series = [pydicom.uid.generate_uid() for _ in range(2)]
+    cts = {se: [make_ct(st, se, instance_number=i) for i in range(2)] for st, se in zip(studies, series, strict=True)}
+    mpps_uid = pydicom.uid.generate_uid()
+    assoc = _mpps_assoc(node.port)
+    try:
+        assert _n_create(assoc, _create_ds(studies[0], "IN PROGRESS", studies[1]), mpps_uid) == 0x0000
+        assert [s.Status for s in store(node.port, [ds for group in cts.values() for ds in group])] == [0] * 4
+        t0 = datetime.now(UTC)
+        # Paused past every quiet period: the step holds both studies, not only the first.
+        assert monitor.poll(t0 + timedelta(seconds=300)) == []
+        with Session(node.engine) as s:
+            assert s.exec(select(Series.state)).all() == ["receiving", "receiving"]
+            assert sorted(s.exec(select(MppsStudy.study_instance_uid)).all()) == sorted(studies)
+        listed = {se: [ds.SOPInstanceUID for ds in group] for se, group in cts.items()}
+        assert _n_set(assoc, _final_ds("COMPLETED", listed), mpps_uid) == 0x0000
+    finally:
+        assoc.release()
+    events = monitor.poll()  # now: long before any quiet period ends
+    assert sorted((e.study_instance_uid, e.reason, e.instance_count, e.series_uids) for e in events) == sorted(
+        (st, "mpps", 2, (se,)) for st, se in zip(studies, series, strict=True)
+    )
+
+
+def test_upgrade_keeps_the_study_of_steps_stored_before_0009(db_url: str) -> None:
+    """Steps stored under 0008 named one study (`mpps.study_instance_uid`): the upgrade copies it
+    into `mpps_study`, so a pending step keeps holding its study."""
+    from sqlalchemy import text
+
+    from dicom_node.db import init_db, make_engine
+
+    init_db(db_url, "0008_completion_reason")
+    engine = make_engine(db_url)
+    study = pydicom.uid.generate_uid()
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO mpps (sop_instance_uid, state, study_instance_uid, calling_ae, remote_ip,"
+                    " created_at, updated_at) VALUES ('1.2.3', 'IN PROGRESS', :study, 'MOD', '127.0.0.1', :t, :t),"
+                    " ('1.2.4', 'IN PROGRESS', NULL, 'MOD', '127.0.0.1', :t, :t)"
+                ),
+                {"study": study, "t": datetime.now(UTC)},
+            )
+        init_db(db_url)
+        with Session(engine) as s:
+            assert [(r.mpps_pk, r.study_instance_uid) for r in s.exec(select(MppsStudy)).all()] == [(1, study)]
+    finally:
+        engine.dispose()
