@@ -495,10 +495,10 @@ class Listener:
     def _on_echo(self, event: Any) -> int:
         return 0x0000
 
-    def _on_n_create(self, event: Any) -> tuple[int, Dataset | None]:
+    def _on_n_create(self, event: Any) -> tuple[int | Dataset, Dataset | None]:
         return self.mpps.handle("N-CREATE", event, self._peer(event.assoc))
 
-    def _on_n_set(self, event: Any) -> tuple[int, Dataset | None]:
+    def _on_n_set(self, event: Any) -> tuple[int | Dataset, Dataset | None]:
         return self.mpps.handle("N-SET", event, self._peer(event.assoc))
 
     def _on_store(self, event: Any) -> int | Dataset:
