@@ -20,7 +20,15 @@ length) of the bytes pynetdicom reads through them and:
   once a data set passes the cap every further data fragment reaches pynetdicom empty (the
   PDU is re-framed), so nothing more is written or held; the final fragment still arrives,
   pynetdicom completes the message, and the C-STORE handler (`take_oversize`) answers it
-  0xA700 on an association that stays usable.
+  0xA700 on an association that stays usable;
+- stop a data set the storage cannot take (`write_check`, dicom_node/write_check.py, asked
+  before each data fragment reaches pynetdicom, whose failed write would end the association
+  without a response): its remaining fragments reach pynetdicom empty, or, when the storage
+  cannot take even the file's start, the command says "no data set" and the fragments are
+  dropped; the C-STORE handler (`take_storage_error`) answers 0xA700;
+- check each C-STORE-RQ command set whole, however the peer split it over PDVs and PDUs
+  (fragments before the last are withheld, up to COMMAND_MAX): an empty or absent Affected SOP
+  Class/Instance UID gets a mark the EVT_DIMSE_RECV handler answers 0xC001.
 
 `ConnectionGuard` also counts open connections per remote address and closes any beyond
 `max_connections_per_host` at accept time, so one peer cannot take every slot.
