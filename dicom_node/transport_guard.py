@@ -491,9 +491,9 @@ def _scan_p_data(st: _GuardState, body: bytearray, guard: ConnectionGuard) -> by
     while at + _EMPTY_PDV <= end:
         length, context_id, control = _PDV.unpack_from(body, at)
         stop = min(at + 4 + length, end)
-        value = body[at + 6 : stop]
         emit: bytes | None = None  # None: this PDV goes on as it is; b"": dropped
-        if control & 1:  # command fragment
+        if control & 1:  # command fragment (a data fragment's value is never copied)
+            value = body[at + 6 : stop]
             if not control & 2:
                 if not st.command_spilled and len(st.command) + len(value) <= COMMAND_MAX:
                     st.command += value
