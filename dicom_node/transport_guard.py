@@ -124,6 +124,7 @@ class _GuardState:
         "command_spilled",
         "storage_error",
         "swallow",
+        "to_file",
     )
 
     def __init__(self, guard: ConnectionGuard, remote_ip: str) -> None:
@@ -145,6 +146,7 @@ class _GuardState:
         self.command_spilled = False  # this command outgrew COMMAND_MAX: passed on as it comes
         self.storage_error = 0  # errno that stopped the arriving data set's writes (0: none since taken)
         self.swallow = False  # drop this message's data fragments (its command now says "no data set")
+        self.to_file = False  # this message's data set goes to a file (a C-STORE-RQ): check its writes
 
 
 class _Guarded:
@@ -515,7 +517,7 @@ def _scan_p_data(st: _GuardState, body: bytearray, guard: ConnectionGuard) -> by
             cut = st.dataset_bytes > cap if cap else False
             if not cut and st.storage_error:
                 cut = True
-            elif not cut and n and guard.write_check is not None:
+            elif not cut and n and st.to_file and guard.write_check is not None:
                 st.storage_error = guard.write_check(META_BOUND + st.dataset_bytes, n)
                 if st.storage_error:
                     cut = True
@@ -550,9 +552,12 @@ def _end_of_command(
     st.oversize = 0
     st.storage_error = 0
     st.swallow = False
+    st.to_file = True  # unless the command is known not to be a C-STORE-RQ with a data set
     if spilled:
         return None
     elements = _parse_command(command)
+    if elements is not None and not _is_store_with_data_set(elements):
+        st.to_file = False  # e.g. an MPPS N-CREATE: pynetdicom keeps its data set in memory
     replace: bytes | None = None
     if elements is not None and _is_store_with_data_set(elements):
         filled = _fill_missing_uids(elements)

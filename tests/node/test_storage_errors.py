@@ -134,6 +134,24 @@ def test_disk_full_while_receiving_is_answered_and_the_association_goes_on(
     assert list((small_fs / "tmp").iterdir()) == []
 
 
+def test_full_disk_leaves_data_sets_kept_in_memory_alone(
+    small_fs: Path, make_settings: Any, start_node: Any, tmp_path: Path
+) -> None:
+    """Only C-STORE data sets go to a file: with the storage full, an MPPS N-CREATE (its data set
+    held in memory, its row in the index elsewhere) is still received whole and stored."""
+    import pydicom
+
+    from tests.node.test_mpps import _create_ds, _mpps_assoc, _n_create
+
+    node = start_node(make_settings(f"sqlite:///{tmp_path / 'index.db'}"), completion=False)
+    _fill(small_fs, 0)
+    assoc = _mpps_assoc(node.port)
+    try:
+        assert _n_create(assoc, _create_ds(pydicom.uid.generate_uid()), pydicom.uid.generate_uid()) == 0x0000
+    finally:
+        assoc.release()
+
+
 # ---------------------------------------------------------------------------------- EFBIG
 
 
