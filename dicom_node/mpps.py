@@ -18,8 +18,9 @@ Statuses (PS3.4 F.7.2.1.2, F.7.2.2.2; PS3.7 C.4):
   "Performed Procedure Step Object may no longer be updated";
 - a status value other than IN PROGRESS / COMPLETED / DISCONTINUED, or a malformed UID: 0x0106;
 - an attribute list that cannot be decoded: 0x0110 Processing Failure.
-pynetdicom's N-service responses carry no Error Comment, so each refusal is a rejection-log row
-(stage "mpps") with a sentence, and a log line without patient data.
+Each refusal carries its sentence as the response's Error Comment (pynetdicom copies a status
+Dataset's elements onto the N-CREATE/N-SET-RSP), is a rejection-log row (stage "mpps") with
+that sentence, and a log line without patient data.
 """
 
 from __future__ import annotations
@@ -233,7 +234,7 @@ class MppsStore:
 
     # ------------------------------------------------------------------ pynetdicom event handlers
 
-    def handle(self, kind: str, event: Any, peer: Peer) -> tuple[int, Dataset | None]:
+    def handle(self, kind: str, event: Any, peer: Peer) -> tuple[int | Dataset, Dataset | None]:
         """EVT_N_CREATE / EVT_N_SET: the status and the response's attribute list."""
         request = event.request
         try:
@@ -269,7 +270,7 @@ class MppsStore:
                 peer=peer,
                 sop_class_uid=MPPS_SOP_CLASS,
             )
-            return exc.status, None
+            return _status(exc.status, exc.detail), None
         except Exception:
             log.exception("mpps failed", extra=kv(op=kind, calling_ae=printable(peer.calling_ae)))
             record_rejection(
@@ -281,7 +282,15 @@ class MppsStore:
                 peer=peer,
                 sop_class_uid=MPPS_SOP_CLASS,
             )
-            return PROCESSING_FAILURE, None
+            return _status(PROCESSING_FAILURE, f"{kind} failed inside the node"), None
+
+
+def _status(code: int, comment: str) -> Dataset:
+    """A failure status with its Error Comment (LO: 64 characters at most)."""
+    ds = Dataset()
+    ds.Status = code
+    ds.ErrorComment = comment[:64]
+    return ds
 
 
 MPPS_SOP_CLASS = "1.2.840.10008.3.1.2.3.3"  # Modality Performed Procedure Step SOP Class (PS3.4 F.7.1)

@@ -18,7 +18,8 @@ around it:
 - the C-STORE handler that hands the file pynetdicom wrote as the data set arrived
   (`STORE_RECV_CHUNKED_DATASET`, in the storage's `tmp/` folder) to `Ingest` (no decode or
   re-encode, memory bounded by the PDU size whatever the instance size); a data set the guard
-  cut at `max_instance_bytes` while it arrived is answered 0xA700 with an Error Comment;
+  cut at `max_instance_bytes` while it arrived, or stopped because the storage could not take
+  it (dicom_node/write_check.py: ENOSPC, EFBIG, EROFS), is answered 0xA700 with an Error Comment;
 - the Modality Performed Procedure Step SCP (N-CREATE / N-SET, PS3.4 Annex F) in
   dicom_node/mpps.py, when `completion.mpps` is on, and the series count queries to a
   sending PACS (dicom_node/count_query.py, `completion.count_sources`).
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import socket
 import socketserver
 import ssl
@@ -67,6 +69,7 @@ from dicom_node.mpps import MPPS_SOP_CLASS, MppsStore
 from dicom_node.periodic import Periodic
 from dicom_node.sop_classes import storable, storage_keyword, storage_sop_classes
 from dicom_node.transport_guard import MISSING_UID_MARK, AssociateRequest, ConnectionGuard
+from dicom_node.write_check import WriteCheck, errno_name
 
 log = logging.getLogger("dicom_node.scp")
 
@@ -241,6 +244,8 @@ class Listener:
             policy=self._check_request,
             on_refuse=self._on_guard_refuse,
             max_dataset_bytes=node.max_instance_bytes,
+            # Checked before each received fragment reaches pynetdicom's file in storage/tmp.
+            write_check=WriteCheck(ingest.storage.tmp_dir),
         )
 
     # ------------------------------------------------------------------ setup
@@ -491,10 +496,10 @@ class Listener:
     def _on_echo(self, event: Any) -> int:
         return 0x0000
 
-    def _on_n_create(self, event: Any) -> tuple[int, Dataset | None]:
+    def _on_n_create(self, event: Any) -> tuple[int | Dataset, Dataset | None]:
         return self.mpps.handle("N-CREATE", event, self._peer(event.assoc))
 
-    def _on_n_set(self, event: Any) -> tuple[int, Dataset | None]:
+    def _on_n_set(self, event: Any) -> tuple[int | Dataset, Dataset | None]:
         return self.mpps.handle("N-SET", event, self._peer(event.assoc))
 
     def _on_store(self, event: Any) -> int | Dataset:
@@ -504,6 +509,15 @@ class Listener:
         request = event.request
         t0 = time.perf_counter()
         try:
+            failed = _take_storage_error(assoc)
+            if failed:
+                raise Refused(
+                    OUT_OF_RESOURCES,
+                    f"Node storage failed while receiving ({errno_name(failed)})",
+                    "storage_error",
+                    f"the node's storage could not take the data set as it arrived ({errno_name(failed)}:"
+                    f" {os.strerror(failed)}); nothing of it kept",
+                )
             sop_class = str(request.AffectedSOPClassUID or "")
             if not storable(sop_class, accept_private=self.settings.node.accept_private_sop_classes):
                 raise Refused(
@@ -578,6 +592,13 @@ def _take_oversize(assoc: Any) -> int:
     """Bytes of this association's last data set that the guard cut at the cap (0: none)."""
     sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
     take = getattr(sock, "take_oversize", None)
+    return int(take()) if take is not None else 0
+
+
+def _take_storage_error(assoc: Any) -> int:
+    """The errno that stopped this association's last data set from being written (0: none)."""
+    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+    take = getattr(sock, "take_storage_error", None)
     return int(take()) if take is not None else 0
 
 

@@ -20,7 +20,15 @@ length) of the bytes pynetdicom reads through them and:
   once a data set passes the cap every further data fragment reaches pynetdicom empty (the
   PDU is re-framed), so nothing more is written or held; the final fragment still arrives,
   pynetdicom completes the message, and the C-STORE handler (`take_oversize`) answers it
-  0xA700 on an association that stays usable.
+  0xA700 on an association that stays usable;
+- stop a data set the storage cannot take (`write_check`, dicom_node/write_check.py, asked
+  before each data fragment reaches pynetdicom, whose failed write would end the association
+  without a response): its remaining fragments reach pynetdicom empty, or, when the storage
+  cannot take even the file's start, the command says "no data set" and the fragments are
+  dropped; the C-STORE handler (`take_storage_error`) answers 0xA700;
+- check each C-STORE-RQ command set whole, however the peer split it over PDVs and PDUs
+  (fragments before the last are withheld, up to COMMAND_MAX): an empty or absent Affected SOP
+  Class/Instance UID gets a mark the EVT_DIMSE_RECV handler answers 0xC001.
 
 `ConnectionGuard` also counts open connections per remote address and closes any beyond
 `max_connections_per_host` at accept time, so one peer cannot take every slot.
@@ -28,6 +36,7 @@ length) of the bytes pynetdicom reads through them and:
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import ssl
@@ -38,6 +47,8 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from dicom_node.logs import kv
 
 log = logging.getLogger("dicom_node.transport_guard")
 
@@ -109,6 +120,11 @@ class _GuardState:
         "dataset_bytes",
         "oversize",
         "header_out",
+        "command",
+        "command_spilled",
+        "storage_error",
+        "swallow",
+        "to_file",
     )
 
     def __init__(self, guard: ConnectionGuard, remote_ip: str) -> None:
@@ -126,6 +142,11 @@ class _GuardState:
         self.dataset_bytes = 0  # data set bytes of the message arriving
         self.oversize = 0  # bytes of the last data set that passed the cap (0: none since taken)
         self.header_out = bytearray()  # the current PDU header, not yet handed to the reader
+        self.command = bytearray()  # command fragments withheld until the command set is complete
+        self.command_spilled = False  # this command outgrew COMMAND_MAX: passed on as it comes
+        self.storage_error = 0  # errno that stopped the arriving data set's writes (0: none since taken)
+        self.swallow = False  # drop this message's data fragments (its command now says "no data set")
+        self.to_file = False  # this message's data set goes to a file (a C-STORE-RQ): check its writes
 
 
 class _Guarded:
@@ -201,10 +222,10 @@ class _Guarded:
         if st.associated:
             st.deadline = time.monotonic() + guard.pdu_timeout + length / MIN_RATE
             st.deadline_reason = "pdu_timeout"
-            if pdu_type == P_DATA_TF and guard.max_dataset_bytes:
+            if pdu_type == P_DATA_TF and (guard.max_dataset_bytes or guard.write_check is not None):
                 body = self._read_body(length)
                 if len(body) == length:
-                    body = _cap_data_set(st, body, guard.max_dataset_bytes)
+                    body = _scan_p_data(st, body, guard)
                 st.pending = body
                 st.left = len(body)
                 if not st.left:
@@ -257,6 +278,19 @@ class _Guarded:
             return 0
         n, st.oversize = st.oversize, 0
         return n
+
+    def take_storage_error(self) -> int:
+        """The errno that stopped the last data set's writes (0 if none), and forget it.
+
+        Set when `ConnectionGuard.write_check` refused a fragment of the message being answered
+        (same reasoning as `take_oversize`): the rest of that data set reached pynetdicom empty,
+        or, when it was refused at the command, not at all.
+        """
+        st = self._guard_state
+        if st is None:
+            return 0
+        code, st.storage_error = st.storage_error, 0
+        return code
 
     def abort_now(self) -> None:
         """Refuse from outside the read path (e.g. an instance growing past its cap): A-ABORT,
@@ -311,8 +345,12 @@ class ConnectionGuard:
         policy: PolicyCheck | None = None,
         on_refuse: Callable[[str, str, str], None] | None = None,
         max_dataset_bytes: int = 0,
+        write_check: Callable[[int, int], int] | None = None,
     ) -> None:
         self.max_dataset_bytes = max_dataset_bytes  # 0: no cap on an arriving data set
+        # (end offset, bytes) of a data fragment about to be written -> 0 or the errno the write
+        # would fail with (dicom_node.write_check.WriteCheck); None: not checked.
+        self.write_check = write_check
         self.p_data_max = max_pdu if max_pdu > 0 else UNLIMITED_PDU_MAX
         self.associate_timeout = associate_timeout
         self.pdu_timeout = pdu_timeout
@@ -392,6 +430,14 @@ class ConnectionGuard:
         if self.on_refuse is not None:
             self.on_refuse(reason, detail, remote_ip)
 
+    def storage_refused(self, st: _GuardState, code: int, at: str) -> None:
+        """Log that `write_check` stopped a data set (`at`: "command" or "data"); the C-STORE
+        handler answers it and records the rejection row."""
+        log.warning(
+            "received data set not written: storage would fail",
+            extra=kv(error=errno.errorcode.get(code, str(code)), at=at, remote_ip=st.remote_ip),
+        )
+
     # ------------------------------------------------------------------ deadlines
 
     def _reap_loop(self) -> None:
@@ -417,43 +463,117 @@ class ConnectionGuard:
 
 _PDV = struct.Struct(">LBB")
 _EMPTY_PDV = 6  # 4-byte item length (2), context ID, message control header
+# Command bytes withheld per message before the guard gives up and passes them on as they come
+# (a C-STORE-RQ command set is a few hundred bytes; pynetdicom buffers whatever arrives anyway).
+COMMAND_MAX = 64 * 1024
+# Upper bound of the preamble, "DICM" and File Meta pynetdicom writes before the data set
+# (128 + 4 + group 0002 with two UIDs of at most 64 bytes and its own version fields).
+META_BOUND = 1024
 
 
-def _cap_data_set(st: _GuardState, body: bytearray, cap: int) -> bytearray:
-    """Count the data set bytes of each message in one P-DATA-TF body; past `cap`, data fragments
-    lose their value (an empty PDV keeps its context and control header, so the message still
-    ends where the peer ends it). Returns `body`, or the re-framed body if anything was cut."""
+def _scan_p_data(st: _GuardState, body: bytearray, guard: ConnectionGuard) -> bytearray:
+    """Walk the PDVs (PS3.8 9.3.5, E.2) of one complete P-DATA-TF body and return it, or its
+    re-framed copy when a fragment had to change:
+
+    - command fragments that are not the last of their command set are withheld (handed on
+      empty) and the whole command set travels in its last fragment, so the command checks
+      below see it whatever its fragmentation (a missing UID split over three PDVs too);
+    - a C-STORE-RQ with an empty or absent Affected SOP Class/Instance UID gets the mark
+      (`_fill_missing_uids`);
+    - data fragments past `max_dataset_bytes` lose their value (an empty PDV keeps its context
+      and control header, so the message still ends where the peer ends it);
+    - a data fragment `write_check` says the disk cannot take loses its value, and so does the
+      rest of that data set; when the disk cannot even take the file's start (checked at the
+      command), the command is re-encoded without a data set and the data fragments that follow
+      are dropped: pynetdicom then never writes, and the handler answers from `storage_error`.
+    """
     out: bytearray | None = None
     at, end = 0, len(body)
+    cap = guard.max_dataset_bytes
     while at + _EMPTY_PDV <= end:
         length, context_id, control = _PDV.unpack_from(body, at)
         stop = min(at + 4 + length, end)
-        cut = False
-        replace: bytes | None = None
-        if control & 1:  # command fragment: a new message starts
-            st.dataset_bytes = 0
-            st.oversize = 0
+        emit: bytes | None = None  # None: this PDV goes on as it is; b"": dropped
+        if control & 1:  # command fragment (a data fragment's value is never copied)
+            value = body[at + 6 : stop]
+            if not control & 2:
+                if not st.command_spilled and len(st.command) + len(value) <= COMMAND_MAX:
+                    st.command += value
+                    emit = _PDV.pack(2, context_id, control)
+                elif not st.command_spilled:
+                    st.command_spilled = True  # too long to check: hand on what was withheld, and the rest
+                    spilled = bytes(st.command) + bytes(value)
+                    st.command.clear()
+                    emit = _PDV.pack(len(spilled) + 2, context_id, control) + spilled
+            else:
+                emit = _end_of_command(st, bytes(value), context_id, control, guard)
+        elif st.swallow:
+            emit = b""
             if control & 2:
-                replace = _fill_missing_uids(bytes(body[at + 6 : stop]))
+                st.swallow = False
         else:
-            st.dataset_bytes += max(length - 2, 0)
-            cut = st.dataset_bytes > cap
+            n = max(length - 2, 0)
+            st.dataset_bytes += n
+            cut = st.dataset_bytes > cap if cap else False
+            if not cut and st.storage_error:
+                cut = True
+            elif not cut and n and st.to_file and guard.write_check is not None:
+                st.storage_error = guard.write_check(META_BOUND + st.dataset_bytes, n)
+                if st.storage_error:
+                    cut = True
+                    guard.storage_refused(st, st.storage_error, "data")
             if control & 2:  # last fragment of the data set
-                if cut:
+                if cap and st.dataset_bytes > cap:
                     st.oversize = st.dataset_bytes
                 st.dataset_bytes = 0
-        if (cut or replace is not None) and out is None:
+            if cut:
+                emit = _PDV.pack(2, context_id, control)
+        if emit is not None and out is None:
             out = bytearray(body[:at])
         if out is not None:
-            if replace is not None:
-                out += _PDV.pack(len(replace) + 2, context_id, control) + replace
-            else:
-                out += _PDV.pack(2, context_id, control) if cut else body[at:stop]
+            out += body[at:stop] if emit is None else emit
         at = stop
     if out is None:
         return body
     out += body[at:]
     return out
+
+
+def _end_of_command(
+    st: _GuardState, last: bytes, context_id: int, control: int, guard: ConnectionGuard
+) -> bytes | None:
+    """The PDV to hand on for the last fragment of a command set (None: unchanged)."""
+    withheld = bool(st.command)
+    command = bytes(st.command) + last if withheld else last
+    st.command.clear()
+    spilled, st.command_spilled = st.command_spilled, False
+    # A new message starts: the previous one's verdicts were taken or are stale.
+    st.dataset_bytes = 0
+    st.oversize = 0
+    st.storage_error = 0
+    st.swallow = False
+    st.to_file = True  # unless the command is known not to be a C-STORE-RQ with a data set
+    if spilled:
+        return None
+    elements = _parse_command(command)
+    if elements is not None and not _is_store_with_data_set(elements):
+        st.to_file = False  # e.g. an MPPS N-CREATE: pynetdicom keeps its data set in memory
+    replace: bytes | None = None
+    if elements is not None and _is_store_with_data_set(elements):
+        filled = _fill_missing_uids(elements)
+        if filled is not None:
+            replace = _encode_command(filled)
+        elif guard.write_check is not None:
+            st.storage_error = guard.write_check(META_BOUND, META_BOUND)
+            if st.storage_error:
+                guard.storage_refused(st, st.storage_error, "command")
+                st.swallow = True
+                elements[0x0800] = _NO_DATA_SET
+                replace = _encode_command(elements)
+    if replace is None and not withheld:
+        return None
+    value = command if replace is None else replace
+    return _PDV.pack(len(value) + 2, context_id, control) + value
 
 
 # Stands in for an empty or absent Affected SOP Class/Instance UID of a C-STORE-RQ (see below).
@@ -462,15 +582,9 @@ _CSTORE_RQ = b"\x01\x00"
 _NO_DATA_SET = b"\x01\x01"
 
 
-def _fill_missing_uids(command: bytes) -> bytes | None:
-    """A C-STORE-RQ command set (implicit VR LE, PS3.7 E.1) whose Affected SOP Class or Instance
-    UID is empty or absent, re-encoded with MISSING_UID_MARK in their place; None otherwise.
-
-    pynetdicom's chunked receive writes the File Meta from these two values when the command
-    arrives and raises in its DUL thread if either is empty, leaving the association without a
-    response; with the mark it completes the message and the listener's EVT_DIMSE_RECV handler
-    answers 0xC001 naming the missing UID. (A command spread over several fragments is passed
-    on as it is.)"""
+def _parse_command(command: bytes) -> dict[int, bytes] | None:
+    """Elements (element number -> value) of a command set (group 0000, implicit VR LE, PS3.7
+    E.1); None if it is not one."""
     elements: dict[int, bytes] = {}
     at = 0
     while at + 8 <= len(command):
@@ -479,16 +593,34 @@ def _fill_missing_uids(command: bytes) -> bytes | None:
             return None
         elements[elem] = command[at + 8 : at + 8 + length]
         at += 8 + length
-    if elements.get(0x0100) != _CSTORE_RQ or elements.get(0x0800, _NO_DATA_SET) == _NO_DATA_SET:
-        return None
+    return elements
+
+
+def _is_store_with_data_set(elements: dict[int, bytes]) -> bool:
+    return elements.get(0x0100) == _CSTORE_RQ and elements.get(0x0800, _NO_DATA_SET) != _NO_DATA_SET
+
+
+def _encode_command(elements: dict[int, bytes]) -> bytes:
+    """Command set from its elements, with a recomputed Command Group Length."""
+    elements.pop(0x0000, None)
+    body = b"".join(struct.pack("<HHL", 0, e, len(v)) + v for e, v in sorted(elements.items()))
+    return struct.pack("<HHLL", 0, 0, 4, len(body)) + body
+
+
+def _fill_missing_uids(elements: dict[int, bytes]) -> dict[int, bytes] | None:
+    """The elements of a C-STORE-RQ whose Affected SOP Class or Instance UID is empty or absent,
+    with MISSING_UID_MARK in their place; None if both are present.
+
+    pynetdicom's chunked receive writes the File Meta from these two values when the command
+    arrives and raises in its DUL thread if either is empty, leaving the association without a
+    response; with the mark it completes the message and the listener's EVT_DIMSE_RECV handler
+    answers 0xC001 naming the missing UID."""
     missing = [e for e in (0x0002, 0x1000) if not elements.get(e, b"").strip(b"\x00 ")]
     if not missing:
         return None
     for e in missing:
         elements[e] = MISSING_UID_MARK.encode()
-    elements.pop(0x0000, None)
-    body = b"".join(struct.pack("<HHL", 0, e, len(v)) + v for e, v in sorted(elements.items()))
-    return struct.pack("<HHLL", 0, 0, 4, len(body)) + body
+    return elements
 
 
 _TIMEOUT_DETAIL = {

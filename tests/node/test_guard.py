@@ -225,10 +225,11 @@ def test_oversized_instance_is_refused_while_it_arrives(make_settings: Any, star
 def test_cut_fragments_past_the_cap_keep_the_message_framing() -> None:
     """The guard's P-DATA filter: data fragments past the cap lose their value, the command and the
     last fragment keep their control headers, and the verdict is kept for the handler."""
-    from dicom_node.transport_guard import ConnectionGuard, _cap_data_set, _GuardState
+    from dicom_node.transport_guard import ConnectionGuard, _GuardState, _scan_p_data
     from tests.node.raw_dimse import p_data
 
-    st = _GuardState(ConnectionGuard(max_pdu=0, associate_timeout=1, pdu_timeout=1, max_per_host=1), "127.0.0.1")
+    guard = ConnectionGuard(max_pdu=0, associate_timeout=1, pdu_timeout=1, max_per_host=1, max_dataset_bytes=100)
+    st = _GuardState(guard, "127.0.0.1")
 
     def pdvs(pdu: bytes) -> list[tuple[int, bytes]]:
         body, out, at = pdu[6:], [], 0
@@ -239,7 +240,7 @@ def test_cut_fragments_past_the_cap_keep_the_message_framing() -> None:
         return out
 
     def through(pdu: bytes) -> list[tuple[int, bytes]]:
-        return pdvs(bytes(6) + bytes(_cap_data_set(st, bytearray(pdu[6:]), 100)))
+        return pdvs(bytes(6) + bytes(_scan_p_data(st, bytearray(pdu[6:]), guard)))
 
     assert through(p_data(b"C" * 10, command=True)) == [(3, b"C" * 10)]
     assert through(p_data(b"a" * 60, command=False, last=False)) == [(0, b"a" * 60)]

@@ -238,8 +238,10 @@ def test_bad_mpps_gets_the_standard_status(
         assert _n_set(assoc, _final_ds("FINISHED", {}), uid) == 0x0106
         assert _n_set(assoc, _final_ds("COMPLETED", {pydicom.uid.generate_uid(): ["1.2.x"]}), uid) == 0x0106
         assert _n_set(assoc, _final_ds("COMPLETED", {}), uid) == 0x0000
-        # N-SET after COMPLETED: 0x0110, "Performed Procedure Step Object may no longer be updated".
-        assert _n_set(assoc, _final_ds("DISCONTINUED", {}), uid) == 0x0110
+        # N-SET after COMPLETED: 0x0110, "Performed Procedure Step Object may no longer be updated",
+        # the reason in the response's Error Comment.
+        status, _ = assoc.send_n_set(_final_ds("DISCONTINUED", {}), ModalityPerformedProcedureStep, uid)
+        assert status.Status == 0x0110 and status.ErrorComment.startswith("N-SET of an MPPS already COMPLETED")
     finally:
         assoc.release()
     with Session(node.engine) as s:
