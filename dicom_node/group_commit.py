@@ -1,10 +1,11 @@
-"""Group commit of the index: one committer thread, one transaction for many instances.
+"""Group commit of the index: one transaction for many instances, committed by a handler thread.
 
 Every C-STORE handler thread (one per association) hands its instance's index work to
 `GroupCommit.submit` and waits for that work's commit before the success status goes out, so
 durability is unchanged: an acknowledged instance is a durable file and a committed row. The
-committer takes whatever has queued up while the previous transaction committed (nothing is
-held back on purpose unless `window_s` is set), fsyncs each directory that received a renamed
+submitter that finds nobody committing becomes the leader (no committer thread: with one
+association there is no thread hand-off at all): it takes whatever has queued up while the
+previous transaction committed (nothing is held back on purpose unless `window_s` is set), fsyncs each directory that received a renamed
 object once for the whole batch (the object's directory entry must be durable before the row
 that points at it), and runs the batch in one transaction: one commit and one WAL/fsync on
 SQLite or PostgreSQL instead of one per instance. If the batch transaction fails, each item is
@@ -15,9 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,10 +42,27 @@ RETRIES = 4  # per item, when a concurrent writer (another process) wins a race 
 class _Request:
     item: Any
     sync_dir: Path | None
-    done: threading.Event = field(default_factory=threading.Event)
+    wake: threading.Event = field(default_factory=threading.Event)
+    finished: bool = False  # result or error is set
+    promoted: bool = False  # woken to lead the next batch, not because it finished
     result: Any = None
     error: BaseException | None = None
-    waited_s: float = 0.0
+
+    def finish(self, error: BaseException | None = None) -> None:
+        if error is not None:
+            self.error = error
+        self.finished = True
+        self.wake.set()
+
+
+class _Pending:
+    """The requests waiting for a leader; guarded by GroupCommit._mutex."""
+
+    def __init__(self) -> None:
+        self.items: deque[_Request] = deque()
+
+    def qsize(self) -> int:
+        return len(self.items)
 
 
 @dataclass
@@ -60,6 +78,12 @@ class CommitStats:
 
 
 class GroupCommit:
+    """Leader/follower group commit: no committer thread. The submitter that finds nobody
+    committing leads: it takes everything queued (its own item first), commits it, and, once
+    its own item is done, hands the lead to the oldest waiter. With one association the handler
+    thread commits its own row without any thread hand-off; with many, one wake-up per batch
+    passes the lead on, and the waiters of a batch are woken once when it commits."""
+
     def __init__(
         self,
         engine: Engine,
@@ -77,66 +101,68 @@ class GroupCommit:
         self.max_batch = max_batch
         self.window_s = window_s
         self.stats = CommitStats()
-        self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._start_lock = threading.Lock()
+        self._mutex = threading.Lock()
+        self._queue = _Pending()
+        self._leading = False  # a submitter is committing (guarded by _mutex)
         self._closed = False
 
     def submit(self, item: Any, sync_dir: Path | None = None) -> Any:
-        """Commit `item` (with the fsync of `sync_dir` first); its result, or its exception."""
+        """Commit `item` (with the fsync of `sync_dir` first); its result, or its exception.
+
+        Blocks until the transaction holding `item` committed (or failed); the calling thread
+        may commit other submitters' items meanwhile.
+        """
         if self._closed:
             raise RuntimeError("group commit closed")
-        self._ensure_thread()
         req = _Request(item, sync_dir)
-        self._queue.put(req)
-        req.done.wait()
+        with self._mutex:
+            self._queue.items.append(req)
+            lead = not self._leading
+            self._leading = True
+        if lead:
+            self._lead(req)
+        while not req.finished:
+            req.wake.wait()
+            req.wake.clear()
+            if req.promoted and not req.finished:
+                req.promoted = False
+                self._lead(req)
         if req.error is not None:
             raise req.error
         return req.result
 
     def close(self) -> None:
+        """Refuse further submissions (items already submitted still commit)."""
         self._closed = True
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join(30)
 
-    # ------------------------------------------------------------------ committer thread
+    # ------------------------------------------------------------------ the leader
 
-    def _ensure_thread(self) -> None:
-        if self._thread is None:
-            with self._start_lock:
-                if self._thread is None:
-                    t = threading.Thread(target=self._loop, name="index-committer", daemon=True)
-                    t.start()
-                    self._thread = t
-
-    def _loop(self) -> None:
+    def _lead(self, own: _Request) -> None:
+        """Commit batches until `own` is done, then pass the lead on (or give it up)."""
         while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            batch = [first]
-            stop = False
-            deadline = time.monotonic() + self.window_s
-            while len(batch) < self.max_batch:
+            if self.window_s > 0:
+                time.sleep(self.window_s)  # let more submitters join this batch
+            with self._mutex:
+                pending = self._queue.items
+                batch = [pending.popleft() for _ in range(min(len(pending), self.max_batch))]
+            if batch:
                 try:
-                    left = deadline - time.monotonic()
-                    nxt = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
-                except queue.Empty:
-                    break
+                    self._run(batch)
+                except BaseException as exc:  # never leave a waiter hanging
+                    for r in batch:
+                        if not r.finished:
+                            r.finish(exc)
+            with self._mutex:
+                if not own.finished and self._queue.items:
+                    continue
+                nxt = self._queue.items[0] if self._queue.items else None
                 if nxt is None:
-                    stop = True
-                    break
-                batch.append(nxt)
-            try:
-                self._run(batch)
-            except BaseException as exc:  # never leave a waiter hanging
-                for r in batch:
-                    if not r.done.is_set():
-                        r.error = exc
-                        r.done.set()
-            if stop:
-                return
+                    self._leading = False
+                else:
+                    nxt.promoted = True
+            if nxt is not None:
+                nxt.wake.set()
+            return
 
     def _run(self, batch: list[_Request]) -> None:
         dirs = {r.sync_dir for r in batch if r.sync_dir is not None}
@@ -145,8 +171,7 @@ class GroupCommit:
                 fsync_dir(d)
         except OSError as exc:
             for r in batch:
-                r.error = exc
-                r.done.set()
+                r.finish(exc)
             return
         self.stats.dir_fsyncs += len(dirs)
         if len(batch) > 1:
@@ -158,7 +183,7 @@ class GroupCommit:
                 self._count(len(batch))
                 for r, res in zip(batch, results, strict=True):
                     r.result = res
-                    r.done.set()
+                    r.finish()
                 return
         for r in batch:
             self._one(r)
@@ -181,7 +206,7 @@ class GroupCommit:
             else:
                 self._count(1)
             break
-        r.done.set()
+        r.finish()
 
     def _transaction(self, items: list[Any]) -> list[Any]:
         created: dict[Any, Any] = {}

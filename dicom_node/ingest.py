@@ -21,7 +21,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -30,7 +30,10 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from pydicom import dcmread
-from pydicom.tag import Tag
+from pydicom.charset import convert_encodings, default_encoding
+from pydicom.dataelem import RawDataElement, convert_raw_data_element, empty_value_for_VR
+from pydicom.dataset import Dataset
+from pydicom.tag import BaseTag, Tag
 from sqlalchemy import BigInteger, Integer, and_, bindparam, false, func, insert, select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Session, UTCDateTime
@@ -159,6 +162,12 @@ _TAGS = [
     "AcquisitionNumber",
 ]
 _SPECIFIC = [Tag(k) for k in _TAGS]
+_TAG_OF = {k: int(t) for k, t in zip(_TAGS, _SPECIFIC, strict=True)}
+CHARSET_TAG = 0x00080005  # Specific Character Set: pydicom always reads it with specific_tags
+# Plain ints: a set of pydicom BaseTags compares with a Python-level __eq__ on every lookup.
+_COLLECT = frozenset([*_TAG_OF.values(), CHARSET_TAG])
+EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
+IMPLICIT_VR_LE = "1.2.840.10008.1.2"
 
 
 class Refused(Exception):
@@ -283,8 +292,61 @@ def parse_tags_from(fp: BinaryIO) -> Tags:
     and stops before Pixel Data, so a file of any size costs a few reads."""
     try:
         ds = dcmread(fp, stop_before_pixels=True, specific_tags=_SPECIFIC)
-        present = {k for k in _TAGS if k in ds}
-        _ = {k: ds.get(k) for k in present}  # decode now: lazy decoding errors surface here
+    except Exception as exc:
+        raise Refused(
+            CANNOT_UNDERSTAND, "Data Set cannot be parsed", "unparsable", f"parse error: {type(exc).__name__}"
+        ) from exc
+    return _routing_tags(ds)
+
+
+def _walked_dataset(
+    data: bytes | memoryview, head_len: int, walked: Walked, transfer_syntax_uid: str
+) -> Dataset | None:
+    """The routing tags as the pydicom Dataset `dcmread(specific_tags=...)` would return, built
+    from where `check_encoding`'s walk found them: the same raw elements and character set, so
+    pydicom decodes every value exactly as before, without parsing the data set a second time.
+
+    None when pydicom would read this data set differently from the walk (big endian, a first
+    element whose VR field says the other VR encoding, an unknown explicit VR anywhere, a
+    routing element with a sequence or undefined length): the caller then uses dcmread.
+    """
+    implicit = transfer_syntax_uid == IMPLICIT_VR_LE
+    if transfer_syntax_uid not in (IMPLICIT_VR_LE, EXPLICIT_VR_LE) or walked.odd_vr:
+        return None
+    first_vr = bytes(data[head_len + 4 : head_len + 6])
+    # pydicom's _is_implicit_vr: two capital letters after the first tag mean explicit VR.
+    if len(first_vr) == 2 and (0x40 < first_vr[0] < 0x5B and 0x40 < first_vr[1] < 0x5B) == implicit:
+        return None
+    try:
+        return _dataset_from(data, head_len, walked, implicit)
+    except Exception as exc:  # the character set cannot be decoded: dcmread failed there too
+        raise Refused(
+            CANNOT_UNDERSTAND, "Data Set cannot be parsed", "unparsable", f"parse error: {type(exc).__name__}"
+        ) from exc
+
+
+def _dataset_from(data: bytes | memoryview, head_len: int, walked: Walked, implicit: bool) -> Dataset | None:
+    raw: dict[BaseTag, RawDataElement] = {}
+    for tag, (vr_bytes, length, at) in walked.found.items():
+        vr = None if vr_bytes is None else vr_bytes.decode("ascii")
+        if vr == "SQ" or length == 0xFFFFFFFF:
+            return None
+        value = bytes(data[head_len + at : head_len + at + length]) if length else empty_value_for_VR(vr, raw=True)
+        raw[BaseTag(tag)] = RawDataElement(BaseTag(tag), vr, length, value, head_len + at, implicit, True)
+    ds = Dataset(raw, parent_encoding=default_encoding)
+    encoding: str | list[str] = default_encoding
+    if CHARSET_TAG in raw:
+        encoding = convert_encodings(convert_raw_data_element(raw[CHARSET_TAG]).value)
+    ds.set_original_encoding(implicit, True, encoding)
+    return ds
+
+
+def _routing_tags(ds: Dataset) -> Tags:
+    """Tags from a Dataset holding (at least) the routing elements; Refused as the checks say."""
+    try:
+        # Each present element decoded once, now (lazy decoding errors surface here), by tag:
+        # looking values up by keyword again and again cost more than decoding them.
+        values = {k: ds[t].value for k, t in _TAG_OF.items() if t in ds}
     except Exception as exc:
         raise Refused(
             CANNOT_UNDERSTAND, "Data Set cannot be parsed", "unparsable", f"parse error: {type(exc).__name__}"
@@ -292,15 +354,18 @@ def parse_tags_from(fp: BinaryIO) -> Tags:
 
     def text(keyword: str) -> str | None:
         try:
-            return clean_text(ds.get(keyword))
+            return clean_text(values.get(keyword))
         except Exception:
             return None
 
+    def number(keyword: str) -> int | None:
+        return _int(values[keyword]) if keyword in values else None
+
     return Tags(
-        sop_class_uid=_uid(ds, "SOPClassUID"),
-        sop_instance_uid=_uid(ds, "SOPInstanceUID"),
-        study_instance_uid=_uid(ds, "StudyInstanceUID"),
-        series_instance_uid=_uid(ds, "SeriesInstanceUID"),
+        sop_class_uid=_uid(values, "SOPClassUID"),
+        sop_instance_uid=_uid(values, "SOPInstanceUID"),
+        study_instance_uid=_uid(values, "StudyInstanceUID"),
+        series_instance_uid=_uid(values, "SeriesInstanceUID"),
         patient_id=text("PatientID") or "",
         patient_name=text("PatientName"),
         accession_number=text("AccessionNumber"),
@@ -309,37 +374,39 @@ def parse_tags_from(fp: BinaryIO) -> Tags:
         modality=text("Modality"),
         body_part_examined=text("BodyPartExamined"),
         series_description=text("SeriesDescription"),
-        series_number=_int(ds.get("SeriesNumber")) if "SeriesNumber" in present else None,
-        instance_number=_int(ds.get("InstanceNumber")) if "InstanceNumber" in present else None,
-        rows=_int(ds.get("Rows")) if "Rows" in present else None,
-        columns=_int(ds.get("Columns")) if "Columns" in present else None,
-        samples_per_pixel=_int(ds.get("SamplesPerPixel")) if "SamplesPerPixel" in present else None,
-        bits_allocated=_int(ds.get("BitsAllocated")) if "BitsAllocated" in present else None,
-        number_of_frames=_int(ds.get("NumberOfFrames")) if "NumberOfFrames" in present else None,
-        images_in_acquisition=_count(ds, present),
-        acquisition_number=_int(ds.get("AcquisitionNumber")) if "AcquisitionNumber" in present else None,
+        series_number=number("SeriesNumber"),
+        instance_number=number("InstanceNumber"),
+        rows=number("Rows"),
+        columns=number("Columns"),
+        samples_per_pixel=number("SamplesPerPixel"),
+        bits_allocated=number("BitsAllocated"),
+        number_of_frames=number("NumberOfFrames"),
+        images_in_acquisition=_count(values),
+        acquisition_number=number("AcquisitionNumber"),
     )
 
 
-def _count(ds: Any, present: set[str]) -> int | None:
+def _count(values: dict[str, Any]) -> int | None:
     """ImagesInAcquisition (0020,1002) when it is a positive integer, else None. Not for a
     multi-frame instance: there it may count frames, not instances."""
-    if "ImagesInAcquisition" not in present:
+    if "ImagesInAcquisition" not in values:
         return None
-    if "NumberOfFrames" in present and (_int(ds.get("NumberOfFrames")) or 1) > 1:
+    if "NumberOfFrames" in values and (_int(values["NumberOfFrames"]) or 1) > 1:
         return None
-    n = _int(ds.get("ImagesInAcquisition"))
+    n = _int(values["ImagesInAcquisition"])
     return n if n is not None and n >= 1 else None
 
 
-def check_encoding(dataset: bytes | memoryview, transfer_syntax_uid: str) -> Walked | None:
+def check_encoding(
+    dataset: bytes | memoryview, transfer_syntax_uid: str, collect: Collection[int] = ()
+) -> Walked | None:
     """0xC000 unless the encoding reaches its end (no truncated element, no missing delimiter).
 
     Runs before the tags are read: a cut-off data set is reported as such, not as a missing UID.
     See dicom_node/dataset_check.py.
     """
     try:
-        return walk_elements(dataset, transfer_syntax_uid)
+        return walk_elements(dataset, transfer_syntax_uid, collect)
     except Incomplete as exc:
         raise Refused(CANNOT_UNDERSTAND, str(exc), "incomplete", str(exc)) from exc
 
@@ -405,8 +472,9 @@ def check_file(path: Path, size: int, transfer_syntax_uid: str) -> Checked:
             data = fh.read()
             head_len = _part10_head_length(data)
             sha = hashlib.sha256(data).hexdigest()
-            walked = check_encoding(memoryview(data)[head_len:], transfer_syntax_uid)
-            tags = parse_tags_from(BytesIO(data))
+            walked = check_encoding(memoryview(data)[head_len:], transfer_syntax_uid, _COLLECT)
+            ds = _walked_dataset(data, head_len, walked, transfer_syntax_uid) if walked is not None else None
+            tags = parse_tags_from(BytesIO(data)) if ds is None else _routing_tags(ds)
         else:
             head_len = _part10_head_length(fh.read(144))
             fh.seek(0)
