@@ -4,12 +4,13 @@ Every C-STORE handler thread (one per association) hands its instance's index wo
 `GroupCommit.submit` and waits for that work's commit before the success status goes out, so
 durability is unchanged: an acknowledged instance is a durable file and a committed row. The
 submitter that finds nobody committing becomes the leader (no committer thread: with one
-association there is no thread hand-off at all): it takes whatever has queued up while the
-previous transaction committed (nothing is held back on purpose unless `window_s` is set), fsyncs each directory that received a renamed
-object once for the whole batch (the object's directory entry must be durable before the row
-that points at it), and runs the batch in one transaction: one commit and one WAL/fsync on
-SQLite or PostgreSQL instead of one per instance. If the batch transaction fails, each item is
-retried in a transaction of its own, so one bad item fails alone.
+association there is no thread hand-off at all). It takes whatever has queued up while the
+previous transaction committed (nothing is held back on purpose unless `window_s` is set),
+fsyncs each directory that received a renamed object once for the whole batch, beside the
+batch's statements, and commits only once that fsync returned (the object's directory entry
+must be durable before the row that points at it): one commit and one WAL/fsync on SQLite or
+PostgreSQL instead of one per instance. If the batch transaction fails, each item is retried
+in a transaction of its own, so one bad item fails alone.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,19 @@ class _Request:
             self.error = error
         self.finished = True
         self.wake.set()
+
+
+class _DirSyncFailed(Exception):
+    """The fsync of a batch's directory failed: every item of the batch fails with `error`."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _sync_dirs(dirs: set[Path]) -> None:
+    for d in dirs:
+        fsync_dir(d)
 
 
 class _Pending:
@@ -105,6 +120,8 @@ class GroupCommit:
         self._queue = _Pending()
         self._leading = False  # a submitter is committing (guarded by _mutex)
         self._closed = False
+        # One worker: batches commit one after another, so at most one directory sync runs.
+        self._dir_syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="index-dir-sync")
 
     def submit(self, item: Any, sync_dir: Path | None = None) -> Any:
         """Commit `item` (with the fsync of `sync_dir` first); its result, or its exception.
@@ -134,6 +151,7 @@ class GroupCommit:
     def close(self) -> None:
         """Refuse further submissions (items already submitted still commit)."""
         self._closed = True
+        self._dir_syncer.shutdown(wait=False)
 
     # ------------------------------------------------------------------ the leader
 
@@ -165,18 +183,24 @@ class GroupCommit:
             return
 
     def _run(self, batch: list[_Request]) -> None:
+        # The directories' fsync runs beside the batch's statements; the commit waits for it:
+        # an entry is durable before the row pointing at it, and neither waits for the other.
         dirs = {r.sync_dir for r in batch if r.sync_dir is not None}
+        synced = self._dir_syncer.submit(_sync_dirs, dirs) if dirs else None
         try:
-            for d in dirs:
-                fsync_dir(d)
-        except OSError as exc:
-            for r in batch:
-                r.finish(exc)
-            return
-        self.stats.dir_fsyncs += len(dirs)
+            self._run_synced(batch, synced)
+        finally:
+            if synced is not None and synced.exception() is None:
+                self.stats.dir_fsyncs += len(dirs)
+
+    def _run_synced(self, batch: list[_Request], synced: Future[None] | None) -> None:
         if len(batch) > 1:
             try:
-                results = self._transaction([r.item for r in batch])
+                results = self._transaction([r.item for r in batch], synced)
+            except _DirSyncFailed as exc:
+                for r in batch:
+                    r.finish(exc.error)
+                return
             except Exception as exc:
                 log.info("group commit: batch failed, one by one", extra=kv(size=len(batch), error=type(exc).__name__))
             else:
@@ -186,12 +210,14 @@ class GroupCommit:
                     r.finish()
                 return
         for r in batch:
-            self._one(r)
+            self._one(r, synced)
 
-    def _one(self, r: _Request) -> None:
+    def _one(self, r: _Request, synced: Future[None] | None) -> None:
         for attempt in range(RETRIES):
             try:
-                r.result = self._transaction([r.item])[0]
+                r.result = self._transaction([r.item], synced)[0]
+            except _DirSyncFailed as exc:
+                r.error = exc.error
             except (IntegrityError, OperationalError) as exc:
                 # A concurrent writer (another listener process, the completion monitor) inserted
                 # the same patient/study/series/instance first, or PostgreSQL picked us as a deadlock
@@ -208,10 +234,15 @@ class GroupCommit:
             break
         r.finish()
 
-    def _transaction(self, items: list[Any]) -> list[Any]:
+    def _transaction(self, items: list[Any], synced: Future[None] | None = None) -> list[Any]:
         created: dict[Any, Any] = {}
         with self.lock, self.engine.begin() as conn:
             results = [self.apply(conn, created, item) for item in items]
+            if synced is not None:
+                try:
+                    synced.result()  # before COMMIT; a failure rolls the batch back
+                except OSError as exc:
+                    raise _DirSyncFailed(exc) from exc
         if self.on_commit is not None:
             self.on_commit(created)
         return results
