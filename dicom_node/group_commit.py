@@ -35,7 +35,19 @@ from dicom_node.storage import fsync_dir
 log = logging.getLogger("dicom_node.group_commit")
 
 # apply(conn, created, item) -> result; `created` collects ids inserted by this transaction.
-Apply = Callable[[Connection, dict[Any, Any], Any], Any]
+Apply = Callable[[Connection, "Created", Any], Any]
+# complete(conn, created, results) -> results: runs once per transaction after every apply,
+# before COMMIT (work the items share, done once per batch).
+Complete = Callable[[Connection, "Created", list[Any]], list[Any]]
+
+
+class Created(dict[Any, Any]):
+    """Ids inserted by one transaction (reported to `on_commit` once it committed), and
+    `scratch`: what the transaction's items share (dropped with the transaction)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scratch: dict[Any, Any] = {}
 
 RETRIES = 4  # per item, when a concurrent writer (another process) wins a race or a deadlock
 
@@ -106,11 +118,13 @@ class GroupCommit:
         *,
         lock: Any = None,
         on_commit: Callable[[dict[Any, Any]], None] | None = None,
+        complete: Complete | None = None,
         max_batch: int = 64,
         window_s: float = 0.0,
     ) -> None:
         self.engine = engine
         self.apply = apply
+        self.complete = complete
         self.lock = lock if lock is not None else contextlib.nullcontext()
         self.on_commit = on_commit
         self.max_batch = max_batch
@@ -235,9 +249,11 @@ class GroupCommit:
         r.finish()
 
     def _transaction(self, items: list[Any], synced: Future[None] | None = None) -> list[Any]:
-        created: dict[Any, Any] = {}
+        created = Created()
         with self.lock, self.engine.begin() as conn:
             results = [self.apply(conn, created, item) for item in items]
+            if self.complete is not None:
+                results = self.complete(conn, created, results)
             if synced is not None:
                 try:
                     synced.result()  # before COMMIT; a failure rolls the batch back

@@ -39,7 +39,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Session, UTCDateTime
 
 from dicom_node.dataset_check import Incomplete, Walked, check_pixel_length, walk_elements
-from dicom_node.group_commit import GroupCommit
+from dicom_node.group_commit import Created, GroupCommit
 from dicom_node.logs import kv
 from dicom_node.models import (
     COMPLETE,
@@ -90,7 +90,10 @@ _COUNT_DUPLICATE = (
 _TOUCH_REVISION = (
     update(REVISIONS)
     .where(REVISIONS.c.study_pk == bindparam("p_study"), REVISIONS.c.revision == bindparam("p_rev"))
-    .values(last_received_at=bindparam("p_now", type_=_TS), instance_count=REVISIONS.c.instance_count + 1)
+    .values(
+        last_received_at=bindparam("p_now", type_=_TS),
+        instance_count=REVISIONS.c.instance_count + bindparam("p_inc", type_=Integer()),
+    )
 )
 _INSERT_INSTANCE = insert(INSTANCES).returning(INSTANCES.c.id)
 _TOUCH_SERIES = (
@@ -463,6 +466,26 @@ class _IndexItem:
     peer: Peer
 
 
+@dataclass(frozen=True)
+class _Touch:
+    """The count and time updates one indexed instance owes its revision, series and study row.
+
+    Applied once per batch for all its instances (`Ingest._complete`): the same sums and last
+    values as one UPDATE per instance, in a few statements. Fewer statements matter more than
+    their SQL: each one hands the GIL back and waits for it again, which costs most when many
+    associations' threads compete for it."""
+
+    study_pk: int
+    revision: int
+    touch_revision: bool  # False: this instance inserted the revision row (count 1 already)
+    series_pk: int
+    inc_series: int
+    inc_study: int
+    expected: int | None
+    acquisition: int | None
+    now: datetime
+
+
 def check_file(path: Path, size: int, transfer_syntax_uid: str) -> Checked:
     """The checks of a received or found Part 10 file, in their order: the encoding reaches its
     end (0xC000), the routing tags parse and their UIDs are valid (0xC000/0xC001/0xC002), the
@@ -571,7 +594,12 @@ class Ingest:
             _SQLiteWriterQueue(engine.url.database) if engine.dialect.name == "sqlite" else contextlib.nullcontext()
         )
         self.committer = GroupCommit(
-            engine, self._apply, lock=write_lock, on_commit=self._remember_ids, window_s=commit_window_s
+            engine,
+            self._apply,
+            lock=write_lock,
+            on_commit=self._remember_ids,
+            complete=self._complete,
+            window_s=commit_window_s,
         )
         # fdatasync of a received file runs here, beside its checks (both mostly outside the GIL).
         self._syncer = ThreadPoolExecutor(max_workers=SYNC_THREADS, thread_name_prefix="storage-sync")
@@ -740,10 +768,65 @@ class Ingest:
 
     # ------------------------------------------------------------------ internals
 
-    def _apply(self, conn: Connection, created: dict[Any, Any], item: _IndexItem) -> tuple[Outcome, str | None]:
+    def _apply(self, conn: Connection, created: Created, item: _IndexItem) -> tuple[Outcome, str | None, _Touch | None]:
         return self._index_tx(
             conn, created, item.tags, item.relpath, item.sha256, item.size, item.transfer_syntax_uid, item.peer
         )
+
+    def _complete(
+        self, conn: Connection, created: Created, results: list[tuple[Outcome, str | None, _Touch | None]]
+    ) -> list[tuple[Outcome, str | None]]:
+        """The batch's revision, series and study updates, one statement per row touched, and
+        each instance's `count_reached` as if its own update had run after its insert."""
+        touches = [(i, t) for i, (_, _, t) in enumerate(results) if t is not None]
+        revisions: dict[tuple[int, int], list[_Touch]] = {}
+        series: dict[int, list[tuple[int, _Touch]]] = {}
+        studies: dict[int, list[_Touch]] = {}
+        for i, t in touches:
+            if t.touch_revision:
+                revisions.setdefault((t.study_pk, t.revision), []).append(t)
+            series.setdefault(t.series_pk, []).append((i, t))
+            studies.setdefault(t.study_pk, []).append(t)
+        for (study_pk, rev), ts in revisions.items():
+            conn.execute(_TOUCH_REVISION, {"p_study": study_pk, "p_rev": rev, "p_now": ts[-1].now, "p_inc": len(ts)})
+        reached: set[int] = set()
+        for series_pk, its in series.items():
+            if len({(t.expected, t.acquisition) for _, t in its}) == 1:
+                groups = [its]  # one UPDATE: count_known ANDs the same condition for each
+            else:
+                groups = [[it] for it in its]  # rare (announced counts differ): one per instance
+            for group in groups:
+                last = group[-1][1]
+                counts = conn.execute(
+                    _TOUCH_SERIES,
+                    {
+                        "p_series": series_pk,
+                        "p_now": last.now,
+                        "p_inc": sum(t.inc_series for _, t in group),
+                        "p_expected": last.expected,
+                        "p_acq": last.acquisition,
+                    },
+                ).one()
+                # The count each instance would have seen right after its own update.
+                count = counts.instance_count
+                for i, t in reversed(group):
+                    if count in (counts.expected_instances if counts.count_known else None, counts.queried_instances):
+                        reached.add(i)
+                    count -= t.inc_series
+        for study_pk, ts in studies.items():
+            conn.execute(
+                _TOUCH_STUDY,
+                {
+                    "p_study": study_pk,
+                    "p_rev": ts[-1].revision,
+                    "p_now": ts[-1].now,
+                    "p_inc": sum(t.inc_study for t in ts),
+                },
+            )
+        return [
+            (replace(outcome, count_reached=True) if i in reached else outcome, drop)
+            for i, (outcome, drop, _) in enumerate(results)
+        ]
 
     def _remember_ids(self, created: dict[Any, Any]) -> None:
         # Cache ids only once committed: a rolled-back insert must not leave a dangling id.
@@ -778,14 +861,16 @@ class Ingest:
     def _index_tx(
         self,
         conn: Connection,
-        created: dict[tuple[str, str], int],
+        created: Created,
         tags: Tags,
         relpath: str,
         sha: str,
         size: int,
         ts_uid: str,
         peer: Peer,
-    ) -> tuple[Outcome, str | None]:
+    ) -> tuple[Outcome, str | None, _Touch | None]:
+        """Index one instance inside the batch's transaction; the revision, series and study
+        count updates it owes are returned (`_Touch`), applied for the whole batch by `_complete`."""
         now = _now()
         patient_key = hashlib.sha256(tags.patient_id.encode("utf-8")).hexdigest()
         patient_pk = self._get_or_create(
@@ -814,23 +899,31 @@ class Ingest:
             },
         )
         # Lock the study row: the completion monitor takes the same lock before closing a revision.
-        current, rev_state = conn.execute(_LOCK_STUDY, {"p_study": study_pk}).one()
+        # Once per transaction: later instances of the study in this batch hold the lock already
+        # and know its revision from the instance before them (its study update is deferred).
+        state_key = ("study", study_pk)
+        if state_key in created.scratch:
+            current, rev_state = created.scratch[state_key]
+        else:
+            current, rev_state = conn.execute(_LOCK_STUDY, {"p_study": study_pk}).one()
+            created.scratch[state_key] = (current, rev_state)
         existing = conn.execute(_EXISTING, {"p_sop": tags.sop_instance_uid}).first()
         if existing is not None and (existing.sha256 == sha or self.duplicate_policy == "keep_first"):
             conn.execute(_COUNT_DUPLICATE, {"p_id": existing.id, "p_now": now})
             if existing.sha256 == sha:
-                return Outcome(SUCCESS, existing.id, "duplicate_identical", current, size, sha), relpath
+                return Outcome(SUCCESS, existing.id, "duplicate_identical", current, size, sha), relpath, None
             # keep_first: the new bytes stay on disk (received_relpath) so nothing sent to us is lost.
             conn.execute(
                 insert(DUPLICATES).values(
                     **self._duplicate_event(existing, tags, relpath, sha, size, peer, KEPT_FIRST, now)
                 )
             )
-            return Outcome(SUCCESS, existing.id, "duplicate_kept_first", current, size, sha), None
+            return Outcome(SUCCESS, existing.id, "duplicate_kept_first", current, size, sha), None, None
 
         # A new instance, or new bytes replacing old ones: new content for the study.
         revision = current
-        if rev_state is None or rev_state == COMPLETE:
+        new_revision = rev_state is None or rev_state == COMPLETE
+        if new_revision:
             revision = current if rev_state is None else current + 1
             conn.execute(
                 insert(REVISIONS).values(
@@ -842,8 +935,7 @@ class Ingest:
                     instance_count=1,
                 )
             )
-        else:
-            conn.execute(_TOUCH_REVISION, {"p_study": study_pk, "p_rev": revision, "p_now": now})
+            created.scratch[state_key] = (revision, RECEIVING)
         series_pk = self._get_or_create(
             conn,
             created,
@@ -913,25 +1005,18 @@ class Ingest:
                     .where(STUDIES.c.id == existing.study_pk)
                     .values(instance_count=STUDIES.c.instance_count - 1)
                 )
-        counts = conn.execute(
-            _TOUCH_SERIES,
-            {
-                "p_series": series_pk,
-                "p_now": now,
-                "p_inc": 1 if added_to_series else 0,
-                "p_expected": tags.images_in_acquisition,
-                "p_acq": tags.acquisition_number,
-            },
-        ).one()
-        reached = counts.instance_count in (
-            counts.expected_instances if counts.count_known else None,
-            counts.queried_instances,
+        touch = _Touch(
+            study_pk=study_pk,
+            revision=revision,
+            touch_revision=not new_revision,
+            series_pk=series_pk,
+            inc_series=1 if added_to_series else 0,
+            inc_study=1 if added_to_study else 0,
+            expected=tags.images_in_acquisition,
+            acquisition=tags.acquisition_number,
+            now=now,
         )
-        conn.execute(
-            _TOUCH_STUDY,
-            {"p_study": study_pk, "p_rev": revision, "p_now": now, "p_inc": 1 if added_to_study else 0},
-        )
-        return Outcome(SUCCESS, instance_pk, action, revision, size, sha, count_reached=reached), None
+        return Outcome(SUCCESS, instance_pk, action, revision, size, sha), None, touch
 
     def _duplicate_event(
         self,
