@@ -49,6 +49,7 @@ class Created(dict[Any, Any]):
         super().__init__()
         self.scratch: dict[Any, Any] = {}
 
+
 RETRIES = 4  # per item, when a concurrent writer (another process) wins a race or a deadlock
 
 
