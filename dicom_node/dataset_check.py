@@ -11,7 +11,8 @@ implicit VR, defined and undefined lengths, sequences and items, encapsulated Pi
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from collections.abc import Collection
+from dataclasses import dataclass, field
 
 UNDEFINED = 0xFFFFFFFF
 PIXEL_DATA = 0x7FE00010
@@ -21,6 +22,11 @@ ITEM_END = 0xFFFEE00D
 SEQUENCE_END = 0xFFFEE0DD
 # Explicit VRs with a 2-byte reserved field and a 4-byte length (PS3.5 table 7.1-1).
 LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV"})
+# Every VR PS3.5 6.2 defines: an explicit VR outside these makes pydicom re-read the element as
+# implicit (its `assume_implicit_vr_switch`), so a walk that met one reports `odd_vr`.
+KNOWN_VRS = frozenset(
+    b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN UR US UT UV".split()
+)
 NATIVE_SYNTAXES = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"})
 BIG_ENDIAN = "1.2.840.10008.1.2.2"
 IMPLICIT = "1.2.840.10008.1.2"
@@ -37,10 +43,20 @@ class PixelElement:
     defined_length: int | None  # None: undefined length (encapsulated)
 
 
+# A top-level element found by the walk: (VR as encoded or None when implicit, value length,
+# offset of the value in the walked buffer).
+Found = tuple[bytes | None, int, int]
+
+
 @dataclass(frozen=True)
 class Walked:
     pixel: PixelElement | None  # top-level (7FE0,0010), None if absent
     has_pixel_data: bool  # Pixel Data, Float Pixel Data or Double Float Pixel Data at top level
+    # The top-level elements asked for (`walk_elements(..., collect=)`) met before any Pixel
+    # Data, by tag (the last one wins when a tag repeats, as in pydicom): lets the caller read
+    # them without parsing the data set a second time.
+    found: dict[int, Found] = field(default_factory=dict)
+    odd_vr: bool = False  # an explicit VR outside KNOWN_VRS was met (anywhere)
 
 
 def _tag_str(tag: int) -> str:
@@ -48,7 +64,13 @@ def _tag_str(tag: int) -> str:
 
 
 class _Walker:
-    def __init__(self, data: bytes | bytearray | memoryview, implicit: bool, big: bool) -> None:
+    def __init__(
+        self,
+        data: bytes | bytearray | memoryview,
+        implicit: bool,
+        big: bool,
+        collect: Collection[int] = (),
+    ) -> None:
         self.data = memoryview(data)
         self.implicit = implicit
         self.end = len(data)
@@ -57,6 +79,9 @@ class _Walker:
         self.u32 = struct.Struct(">L" if big else "<L")
         self.pixel: PixelElement | None = None
         self.has_pixel_data = False
+        self.collect = collect
+        self.found: dict[int, Found] = {}
+        self.odd_vr = False
 
     def header(self, at: int) -> tuple[int, bytes | None, int, int]:
         """(tag, VR or None, value length, offset of the value)."""
@@ -67,6 +92,8 @@ class _Walker:
         if group == 0xFFFE or self.implicit:
             return tag, None, self.u32.unpack_from(self.data, at + 4)[0], at + 8
         vr = bytes(self.data[at + 4 : at + 6])
+        if vr not in KNOWN_VRS:
+            self.odd_vr = True
         if vr in LONG_VRS:
             if at + 12 > self.end:
                 raise Incomplete(f"Data Set truncated: element {_tag_str(tag)} header is cut off")
@@ -83,10 +110,13 @@ class _Walker:
                 if not until_item_end:
                     raise Incomplete(f"unexpected Item Delimitation at byte {at}")
                 return value_at
-            if depth == 0 and tag in ANY_PIXEL_DATA:
-                self.has_pixel_data = True
-                if tag == PIXEL_DATA:
-                    self.pixel = PixelElement(None if length == UNDEFINED else length)
+            if depth == 0:
+                if tag in ANY_PIXEL_DATA:
+                    self.has_pixel_data = True
+                    if tag == PIXEL_DATA:
+                        self.pixel = PixelElement(None if length == UNDEFINED else length)
+                elif tag in self.collect and not self.has_pixel_data:
+                    self.found[tag] = (vr, length, value_at)
             if length == UNDEFINED:
                 if vr is not None and vr not in (b"SQ", b"UN", b"OB", b"OW"):
                     raise Incomplete(
@@ -144,19 +174,22 @@ class _Walker:
         raise Incomplete(f"Data Set truncated: {_tag_str(owner)} has no Sequence Delimitation")
 
 
-def walk_elements(dataset: bytes | bytearray | memoryview, transfer_syntax_uid: str) -> Walked | None:
+def walk_elements(
+    dataset: bytes | bytearray | memoryview, transfer_syntax_uid: str, collect: Collection[int] = ()
+) -> Walked | None:
     """Follow every element of an encoded data set (no file meta) to its end.
 
-    Returns what was found at the top level, or None for a deflated transfer syntax (not walked:
+    Returns what was found at the top level (with where the top-level elements whose tags are
+    in `collect` are, before Pixel Data), or None for a deflated transfer syntax (not walked:
     pydicom's inflate reports a cut stream). Raises Incomplete.
     """
     if not len(dataset):
         raise Incomplete("Data Set is empty")
     if transfer_syntax_uid in DEFLATED:
         return None
-    walker = _Walker(dataset, transfer_syntax_uid == IMPLICIT, transfer_syntax_uid == BIG_ENDIAN)
+    walker = _Walker(dataset, transfer_syntax_uid == IMPLICIT, transfer_syntax_uid == BIG_ENDIAN, collect)
     walker.dataset(0, len(dataset), 0, until_item_end=False)
-    return Walked(walker.pixel, walker.has_pixel_data)
+    return Walked(walker.pixel, walker.has_pixel_data, walker.found, walker.odd_vr)
 
 
 def expected_pixel_bytes(rows: int, columns: int, samples: int, bits_allocated: int, frames: int) -> int:

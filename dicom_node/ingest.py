@@ -21,7 +21,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -30,13 +30,16 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from pydicom import dcmread
-from pydicom.tag import Tag
+from pydicom.charset import convert_encodings, default_encoding
+from pydicom.dataelem import RawDataElement, convert_raw_data_element, empty_value_for_VR
+from pydicom.dataset import Dataset
+from pydicom.tag import BaseTag, Tag
 from sqlalchemy import BigInteger, Integer, and_, bindparam, false, func, insert, select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Session, UTCDateTime
 
 from dicom_node.dataset_check import Incomplete, Walked, check_pixel_length, walk_elements
-from dicom_node.group_commit import GroupCommit
+from dicom_node.group_commit import Created, GroupCommit
 from dicom_node.logs import kv
 from dicom_node.models import (
     COMPLETE,
@@ -87,7 +90,10 @@ _COUNT_DUPLICATE = (
 _TOUCH_REVISION = (
     update(REVISIONS)
     .where(REVISIONS.c.study_pk == bindparam("p_study"), REVISIONS.c.revision == bindparam("p_rev"))
-    .values(last_received_at=bindparam("p_now", type_=_TS), instance_count=REVISIONS.c.instance_count + 1)
+    .values(
+        last_received_at=bindparam("p_now", type_=_TS),
+        instance_count=REVISIONS.c.instance_count + bindparam("p_inc", type_=Integer()),
+    )
 )
 _INSERT_INSTANCE = insert(INSTANCES).returning(INSTANCES.c.id)
 _TOUCH_SERIES = (
@@ -159,6 +165,12 @@ _TAGS = [
     "AcquisitionNumber",
 ]
 _SPECIFIC = [Tag(k) for k in _TAGS]
+_TAG_OF = {k: int(t) for k, t in zip(_TAGS, _SPECIFIC, strict=True)}
+CHARSET_TAG = 0x00080005  # Specific Character Set: pydicom always reads it with specific_tags
+# Plain ints: a set of pydicom BaseTags compares with a Python-level __eq__ on every lookup.
+_COLLECT = frozenset([*_TAG_OF.values(), CHARSET_TAG])
+EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
+IMPLICIT_VR_LE = "1.2.840.10008.1.2"
 
 
 class Refused(Exception):
@@ -283,8 +295,61 @@ def parse_tags_from(fp: BinaryIO) -> Tags:
     and stops before Pixel Data, so a file of any size costs a few reads."""
     try:
         ds = dcmread(fp, stop_before_pixels=True, specific_tags=_SPECIFIC)
-        present = {k for k in _TAGS if k in ds}
-        _ = {k: ds.get(k) for k in present}  # decode now: lazy decoding errors surface here
+    except Exception as exc:
+        raise Refused(
+            CANNOT_UNDERSTAND, "Data Set cannot be parsed", "unparsable", f"parse error: {type(exc).__name__}"
+        ) from exc
+    return _routing_tags(ds)
+
+
+def _walked_dataset(
+    data: bytes | memoryview, head_len: int, walked: Walked, transfer_syntax_uid: str
+) -> Dataset | None:
+    """The routing tags as the pydicom Dataset `dcmread(specific_tags=...)` would return, built
+    from where `check_encoding`'s walk found them: the same raw elements and character set, so
+    pydicom decodes every value exactly as before, without parsing the data set a second time.
+
+    None when pydicom would read this data set differently from the walk (big endian, a first
+    element whose VR field says the other VR encoding, an unknown explicit VR anywhere, a
+    routing element with a sequence or undefined length): the caller then uses dcmread.
+    """
+    implicit = transfer_syntax_uid == IMPLICIT_VR_LE
+    if transfer_syntax_uid not in (IMPLICIT_VR_LE, EXPLICIT_VR_LE) or walked.odd_vr:
+        return None
+    first_vr = bytes(data[head_len + 4 : head_len + 6])
+    # pydicom's _is_implicit_vr: two capital letters after the first tag mean explicit VR.
+    if len(first_vr) == 2 and (0x40 < first_vr[0] < 0x5B and 0x40 < first_vr[1] < 0x5B) == implicit:
+        return None
+    try:
+        return _dataset_from(data, head_len, walked, implicit)
+    except Exception as exc:  # the character set cannot be decoded: dcmread failed there too
+        raise Refused(
+            CANNOT_UNDERSTAND, "Data Set cannot be parsed", "unparsable", f"parse error: {type(exc).__name__}"
+        ) from exc
+
+
+def _dataset_from(data: bytes | memoryview, head_len: int, walked: Walked, implicit: bool) -> Dataset | None:
+    raw: dict[BaseTag, RawDataElement] = {}
+    for tag, (vr_bytes, length, at) in walked.found.items():
+        vr = None if vr_bytes is None else vr_bytes.decode("ascii")
+        if vr == "SQ" or length == 0xFFFFFFFF:
+            return None
+        value = bytes(data[head_len + at : head_len + at + length]) if length else empty_value_for_VR(vr, raw=True)
+        raw[BaseTag(tag)] = RawDataElement(BaseTag(tag), vr, length, value, head_len + at, implicit, True)
+    ds = Dataset(raw, parent_encoding=default_encoding)
+    encoding: str | list[str] = default_encoding
+    if CHARSET_TAG in raw:
+        encoding = convert_encodings(convert_raw_data_element(raw[CHARSET_TAG]).value)
+    ds.set_original_encoding(implicit, True, encoding)
+    return ds
+
+
+def _routing_tags(ds: Dataset) -> Tags:
+    """Tags from a Dataset holding (at least) the routing elements; Refused as the checks say."""
+    try:
+        # Each present element decoded once, now (lazy decoding errors surface here), by tag:
+        # looking values up by keyword again and again cost more than decoding them.
+        values = {k: ds[t].value for k, t in _TAG_OF.items() if t in ds}
     except Exception as exc:
         raise Refused(
             CANNOT_UNDERSTAND, "Data Set cannot be parsed", "unparsable", f"parse error: {type(exc).__name__}"
@@ -292,15 +357,18 @@ def parse_tags_from(fp: BinaryIO) -> Tags:
 
     def text(keyword: str) -> str | None:
         try:
-            return clean_text(ds.get(keyword))
+            return clean_text(values.get(keyword))
         except Exception:
             return None
 
+    def number(keyword: str) -> int | None:
+        return _int(values[keyword]) if keyword in values else None
+
     return Tags(
-        sop_class_uid=_uid(ds, "SOPClassUID"),
-        sop_instance_uid=_uid(ds, "SOPInstanceUID"),
-        study_instance_uid=_uid(ds, "StudyInstanceUID"),
-        series_instance_uid=_uid(ds, "SeriesInstanceUID"),
+        sop_class_uid=_uid(values, "SOPClassUID"),
+        sop_instance_uid=_uid(values, "SOPInstanceUID"),
+        study_instance_uid=_uid(values, "StudyInstanceUID"),
+        series_instance_uid=_uid(values, "SeriesInstanceUID"),
         patient_id=text("PatientID") or "",
         patient_name=text("PatientName"),
         accession_number=text("AccessionNumber"),
@@ -309,37 +377,39 @@ def parse_tags_from(fp: BinaryIO) -> Tags:
         modality=text("Modality"),
         body_part_examined=text("BodyPartExamined"),
         series_description=text("SeriesDescription"),
-        series_number=_int(ds.get("SeriesNumber")) if "SeriesNumber" in present else None,
-        instance_number=_int(ds.get("InstanceNumber")) if "InstanceNumber" in present else None,
-        rows=_int(ds.get("Rows")) if "Rows" in present else None,
-        columns=_int(ds.get("Columns")) if "Columns" in present else None,
-        samples_per_pixel=_int(ds.get("SamplesPerPixel")) if "SamplesPerPixel" in present else None,
-        bits_allocated=_int(ds.get("BitsAllocated")) if "BitsAllocated" in present else None,
-        number_of_frames=_int(ds.get("NumberOfFrames")) if "NumberOfFrames" in present else None,
-        images_in_acquisition=_count(ds, present),
-        acquisition_number=_int(ds.get("AcquisitionNumber")) if "AcquisitionNumber" in present else None,
+        series_number=number("SeriesNumber"),
+        instance_number=number("InstanceNumber"),
+        rows=number("Rows"),
+        columns=number("Columns"),
+        samples_per_pixel=number("SamplesPerPixel"),
+        bits_allocated=number("BitsAllocated"),
+        number_of_frames=number("NumberOfFrames"),
+        images_in_acquisition=_count(values),
+        acquisition_number=number("AcquisitionNumber"),
     )
 
 
-def _count(ds: Any, present: set[str]) -> int | None:
+def _count(values: dict[str, Any]) -> int | None:
     """ImagesInAcquisition (0020,1002) when it is a positive integer, else None. Not for a
     multi-frame instance: there it may count frames, not instances."""
-    if "ImagesInAcquisition" not in present:
+    if "ImagesInAcquisition" not in values:
         return None
-    if "NumberOfFrames" in present and (_int(ds.get("NumberOfFrames")) or 1) > 1:
+    if "NumberOfFrames" in values and (_int(values["NumberOfFrames"]) or 1) > 1:
         return None
-    n = _int(ds.get("ImagesInAcquisition"))
+    n = _int(values["ImagesInAcquisition"])
     return n if n is not None and n >= 1 else None
 
 
-def check_encoding(dataset: bytes | memoryview, transfer_syntax_uid: str) -> Walked | None:
+def check_encoding(
+    dataset: bytes | memoryview, transfer_syntax_uid: str, collect: Collection[int] = ()
+) -> Walked | None:
     """0xC000 unless the encoding reaches its end (no truncated element, no missing delimiter).
 
     Runs before the tags are read: a cut-off data set is reported as such, not as a missing UID.
     See dicom_node/dataset_check.py.
     """
     try:
-        return walk_elements(dataset, transfer_syntax_uid)
+        return walk_elements(dataset, transfer_syntax_uid, collect)
     except Incomplete as exc:
         raise Refused(CANNOT_UNDERSTAND, str(exc), "incomplete", str(exc)) from exc
 
@@ -396,6 +466,26 @@ class _IndexItem:
     peer: Peer
 
 
+@dataclass(frozen=True)
+class _Touch:
+    """The count and time updates one indexed instance owes its revision, series and study row.
+
+    Applied once per batch for all its instances (`Ingest._complete`): the same sums and last
+    values as one UPDATE per instance, in a few statements. Fewer statements matter more than
+    their SQL: each one hands the GIL back and waits for it again, which costs most when many
+    associations' threads compete for it."""
+
+    study_pk: int
+    revision: int
+    touch_revision: bool  # False: this instance inserted the revision row (count 1 already)
+    series_pk: int
+    inc_series: int
+    inc_study: int
+    expected: int | None
+    acquisition: int | None
+    now: datetime
+
+
 def check_file(path: Path, size: int, transfer_syntax_uid: str) -> Checked:
     """The checks of a received or found Part 10 file, in their order: the encoding reaches its
     end (0xC000), the routing tags parse and their UIDs are valid (0xC000/0xC001/0xC002), the
@@ -405,8 +495,9 @@ def check_file(path: Path, size: int, transfer_syntax_uid: str) -> Checked:
             data = fh.read()
             head_len = _part10_head_length(data)
             sha = hashlib.sha256(data).hexdigest()
-            walked = check_encoding(memoryview(data)[head_len:], transfer_syntax_uid)
-            tags = parse_tags_from(BytesIO(data))
+            walked = check_encoding(memoryview(data)[head_len:], transfer_syntax_uid, _COLLECT)
+            ds = _walked_dataset(data, head_len, walked, transfer_syntax_uid) if walked is not None else None
+            tags = parse_tags_from(BytesIO(data)) if ds is None else _routing_tags(ds)
         else:
             head_len = _part10_head_length(fh.read(144))
             fh.seek(0)
@@ -503,7 +594,12 @@ class Ingest:
             _SQLiteWriterQueue(engine.url.database) if engine.dialect.name == "sqlite" else contextlib.nullcontext()
         )
         self.committer = GroupCommit(
-            engine, self._apply, lock=write_lock, on_commit=self._remember_ids, window_s=commit_window_s
+            engine,
+            self._apply,
+            lock=write_lock,
+            on_commit=self._remember_ids,
+            complete=self._complete,
+            window_s=commit_window_s,
         )
         # fdatasync of a received file runs here, beside its checks (both mostly outside the GIL).
         self._syncer = ThreadPoolExecutor(max_workers=SYNC_THREADS, thread_name_prefix="storage-sync")
@@ -672,10 +768,65 @@ class Ingest:
 
     # ------------------------------------------------------------------ internals
 
-    def _apply(self, conn: Connection, created: dict[Any, Any], item: _IndexItem) -> tuple[Outcome, str | None]:
+    def _apply(self, conn: Connection, created: Created, item: _IndexItem) -> tuple[Outcome, str | None, _Touch | None]:
         return self._index_tx(
             conn, created, item.tags, item.relpath, item.sha256, item.size, item.transfer_syntax_uid, item.peer
         )
+
+    def _complete(
+        self, conn: Connection, created: Created, results: list[tuple[Outcome, str | None, _Touch | None]]
+    ) -> list[tuple[Outcome, str | None]]:
+        """The batch's revision, series and study updates, one statement per row touched, and
+        each instance's `count_reached` as if its own update had run after its insert."""
+        touches = [(i, t) for i, (_, _, t) in enumerate(results) if t is not None]
+        revisions: dict[tuple[int, int], list[_Touch]] = {}
+        series: dict[int, list[tuple[int, _Touch]]] = {}
+        studies: dict[int, list[_Touch]] = {}
+        for i, t in touches:
+            if t.touch_revision:
+                revisions.setdefault((t.study_pk, t.revision), []).append(t)
+            series.setdefault(t.series_pk, []).append((i, t))
+            studies.setdefault(t.study_pk, []).append(t)
+        for (study_pk, rev), ts in revisions.items():
+            conn.execute(_TOUCH_REVISION, {"p_study": study_pk, "p_rev": rev, "p_now": ts[-1].now, "p_inc": len(ts)})
+        reached: set[int] = set()
+        for series_pk, its in series.items():
+            if len({(t.expected, t.acquisition) for _, t in its}) == 1:
+                groups = [its]  # one UPDATE: count_known ANDs the same condition for each
+            else:
+                groups = [[it] for it in its]  # rare (announced counts differ): one per instance
+            for group in groups:
+                last = group[-1][1]
+                counts = conn.execute(
+                    _TOUCH_SERIES,
+                    {
+                        "p_series": series_pk,
+                        "p_now": last.now,
+                        "p_inc": sum(t.inc_series for _, t in group),
+                        "p_expected": last.expected,
+                        "p_acq": last.acquisition,
+                    },
+                ).one()
+                # The count each instance would have seen right after its own update.
+                count = counts.instance_count
+                for i, t in reversed(group):
+                    if count in (counts.expected_instances if counts.count_known else None, counts.queried_instances):
+                        reached.add(i)
+                    count -= t.inc_series
+        for study_pk, ts in studies.items():
+            conn.execute(
+                _TOUCH_STUDY,
+                {
+                    "p_study": study_pk,
+                    "p_rev": ts[-1].revision,
+                    "p_now": ts[-1].now,
+                    "p_inc": sum(t.inc_study for t in ts),
+                },
+            )
+        return [
+            (replace(outcome, count_reached=True) if i in reached else outcome, drop)
+            for i, (outcome, drop, _) in enumerate(results)
+        ]
 
     def _remember_ids(self, created: dict[Any, Any]) -> None:
         # Cache ids only once committed: a rolled-back insert must not leave a dangling id.
@@ -710,14 +861,16 @@ class Ingest:
     def _index_tx(
         self,
         conn: Connection,
-        created: dict[tuple[str, str], int],
+        created: Created,
         tags: Tags,
         relpath: str,
         sha: str,
         size: int,
         ts_uid: str,
         peer: Peer,
-    ) -> tuple[Outcome, str | None]:
+    ) -> tuple[Outcome, str | None, _Touch | None]:
+        """Index one instance inside the batch's transaction; the revision, series and study
+        count updates it owes are returned (`_Touch`), applied for the whole batch by `_complete`."""
         now = _now()
         patient_key = hashlib.sha256(tags.patient_id.encode("utf-8")).hexdigest()
         patient_pk = self._get_or_create(
@@ -746,23 +899,31 @@ class Ingest:
             },
         )
         # Lock the study row: the completion monitor takes the same lock before closing a revision.
-        current, rev_state = conn.execute(_LOCK_STUDY, {"p_study": study_pk}).one()
+        # Once per transaction: later instances of the study in this batch hold the lock already
+        # and know its revision from the instance before them (its study update is deferred).
+        state_key = ("study", study_pk)
+        if state_key in created.scratch:
+            current, rev_state = created.scratch[state_key]
+        else:
+            current, rev_state = conn.execute(_LOCK_STUDY, {"p_study": study_pk}).one()
+            created.scratch[state_key] = (current, rev_state)
         existing = conn.execute(_EXISTING, {"p_sop": tags.sop_instance_uid}).first()
         if existing is not None and (existing.sha256 == sha or self.duplicate_policy == "keep_first"):
             conn.execute(_COUNT_DUPLICATE, {"p_id": existing.id, "p_now": now})
             if existing.sha256 == sha:
-                return Outcome(SUCCESS, existing.id, "duplicate_identical", current, size, sha), relpath
+                return Outcome(SUCCESS, existing.id, "duplicate_identical", current, size, sha), relpath, None
             # keep_first: the new bytes stay on disk (received_relpath) so nothing sent to us is lost.
             conn.execute(
                 insert(DUPLICATES).values(
                     **self._duplicate_event(existing, tags, relpath, sha, size, peer, KEPT_FIRST, now)
                 )
             )
-            return Outcome(SUCCESS, existing.id, "duplicate_kept_first", current, size, sha), None
+            return Outcome(SUCCESS, existing.id, "duplicate_kept_first", current, size, sha), None, None
 
         # A new instance, or new bytes replacing old ones: new content for the study.
         revision = current
-        if rev_state is None or rev_state == COMPLETE:
+        new_revision = rev_state is None or rev_state == COMPLETE
+        if new_revision:
             revision = current if rev_state is None else current + 1
             conn.execute(
                 insert(REVISIONS).values(
@@ -774,8 +935,7 @@ class Ingest:
                     instance_count=1,
                 )
             )
-        else:
-            conn.execute(_TOUCH_REVISION, {"p_study": study_pk, "p_rev": revision, "p_now": now})
+            created.scratch[state_key] = (revision, RECEIVING)
         series_pk = self._get_or_create(
             conn,
             created,
@@ -845,25 +1005,18 @@ class Ingest:
                     .where(STUDIES.c.id == existing.study_pk)
                     .values(instance_count=STUDIES.c.instance_count - 1)
                 )
-        counts = conn.execute(
-            _TOUCH_SERIES,
-            {
-                "p_series": series_pk,
-                "p_now": now,
-                "p_inc": 1 if added_to_series else 0,
-                "p_expected": tags.images_in_acquisition,
-                "p_acq": tags.acquisition_number,
-            },
-        ).one()
-        reached = counts.instance_count in (
-            counts.expected_instances if counts.count_known else None,
-            counts.queried_instances,
+        touch = _Touch(
+            study_pk=study_pk,
+            revision=revision,
+            touch_revision=not new_revision,
+            series_pk=series_pk,
+            inc_series=1 if added_to_series else 0,
+            inc_study=1 if added_to_study else 0,
+            expected=tags.images_in_acquisition,
+            acquisition=tags.acquisition_number,
+            now=now,
         )
-        conn.execute(
-            _TOUCH_STUDY,
-            {"p_study": study_pk, "p_rev": revision, "p_now": now, "p_inc": 1 if added_to_study else 0},
-        )
-        return Outcome(SUCCESS, instance_pk, action, revision, size, sha, count_reached=reached), None
+        return Outcome(SUCCESS, instance_pk, action, revision, size, sha), None, touch
 
     def _duplicate_event(
         self,
