@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,15 +24,13 @@ from pynetdicom.presentation import PresentationContext
 
 from dicom_node.export.destinations import Destination
 from dicom_node.export.outcome import Kind, Outcome, SendItem, StoredObjectDamaged, classify_status
+from dicom_node.pynetdicom_internals import ParkedCheckpoint
 
 log = logging.getLogger(__name__)
 
 UNCOMPRESSED_LE = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 MAX_CONTEXTS = 128  # PS3.8: presentation context IDs are odd numbers 1..255
 LABELMAP_SEG = "1.2.840.10008.5.1.4.1.1.66.7"
-
-# Stream files from disk instead of decoding them: only affects C-STORE from a file path.
-_config.STORE_SEND_CHUNKED_DATASET = True
 
 
 def _contexts_for(items: Sequence[SendItem]) -> list[PresentationContext]:
@@ -93,51 +90,13 @@ def _connect_error(host: str, port: int, timeout: float, ctx: ssl.SSLContext | N
         return exc.strerror or str(exc) or type(exc).__name__
 
 
-class _ParkedCheckpoint(threading.Event):
-    """Keeps an association's own reactor thread parked while this sender drives it.
-
-    pynetdicom 3.0.4 pauses the reactor around each send_c_store() with a flag/Event pair that
-    can race: under CPU load the reactor can slip past its checkpoint, take the C-STORE response
-    off the DIMSE queue ("Received unexpected C-STORE service message") and leave the sender
-    waiting for the DIMSE timeout. A requestor that only sends needs nothing from that reactor
-    (aborts still reach send_c_store through the DUL, which puts (None, None) on the queue),
-    so it stays parked for the batch and is released before A-RELEASE.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.held = True
-        self.parked = threading.Event()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        self.parked.set()  # only the reactor thread waits on the checkpoint
-        return super().wait(timeout)
-
-    def set(self) -> None:
-        if not self.held:
-            super().set()
-
-    @classmethod
-    def install(cls, assoc: Association) -> _ParkedCheckpoint:
-        cp = cls()
-        assoc._reactor_checkpoint = cp
-        # Wait until the reactor sits in *our* checkpoint; only then is no response stolen.
-        if not cp.parked.wait(timeout=5.0):
-            log.warning("association reactor did not park within 5 s")
-        return cp
-
-    def release(self) -> None:
-        self.held = False
-        super().set()
-
-
 @dataclass
 class _Open:
     """An established association this sender drives (its reactor parked)."""
 
     ae: AE
     assoc: Association
-    parked: _ParkedCheckpoint
+    parked: ParkedCheckpoint | None  # None: the installed pynetdicom cannot be parked safely
     keys: set[tuple[str, str]]
     last_used: float = field(default_factory=time.monotonic)
     sent: int = 0
@@ -156,6 +115,9 @@ class DimseSender:
     """
 
     def __init__(self, dest: Destination, *, keep_open_seconds: float = 0.0) -> None:
+        # pynetdicom's documented option, set when a sender is made (never on import): C-STORE
+        # from a file path streams it from disk instead of decoding it. Affects nothing else.
+        _config.STORE_SEND_CHUNKED_DATASET = True
         self.dest = dest
         self.keep_open_seconds = keep_open_seconds
         self._kept: _Open | None = None
@@ -232,10 +194,11 @@ class DimseSender:
             # Each C-STORE waits for its response: Nagle would add a delayed-ACK wait per instance.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         log.info("export %s: association open to %s", self.dest.name, self.dest.address())
-        return _Open(ae, assoc, _ParkedCheckpoint.install(assoc), keys | seen)
+        return _Open(ae, assoc, ParkedCheckpoint.install(assoc), keys | seen)
 
     def _close(self, conn: _Open, why: str) -> None:
-        conn.parked.release()
+        if conn.parked is not None:
+            conn.parked.release()
         assoc = conn.assoc
         try:
             if assoc.is_established and not assoc.acse.is_aborted():
