@@ -27,6 +27,7 @@ from pydicom import Dataset
 
 from dicom_node.db import make_engine
 from dicom_node.jobs.runner import JobIO, LocalIO, Output, execute_job, failure_reason, job_destinations
+from dicom_node.jobs.source_cache import SourceCache
 from dicom_node.storage import Storage
 
 log = logging.getLogger("dicom_node.jobs.context")
@@ -61,11 +62,11 @@ class WorkerContext:
             from dicom_node.jobs.remote import RemoteIO
 
             self.storage: Storage | None = None
-            self.job_io = RemoteIO(w.node_url, w.node_token, w.timeout_seconds, w.tls_ca)
+            self.job_io = RemoteIO(w.node_url, w.node_token, w.timeout_seconds, w.tls_ca, cache=SourceCache())
             log.info("remote worker: instances and outputs through the node's API (no shared disk)")
         else:
             self.storage = Storage(self.settings.storage.path, self.settings.storage.min_free_bytes)
-            self.job_io = LocalIO(self.storage, self.destinations)
+            self.job_io = LocalIO(self.storage, self.destinations, SourceCache())
         self._engine: Any = None
         self._engine_error: BaseException | None = None
         self._lock = threading.Lock()
