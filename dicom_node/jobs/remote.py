@@ -130,6 +130,7 @@ class RemoteIO:
         return parts.parts
 
     def load(self, engine: Engine, job: Job) -> list[Dataset]:
+        self._loaded = {}  # a job that ended without recording (claim lost) left its sources here
         rows = source_rows(engine, job)
         started, before = time.perf_counter(), self.bytes_in
         # Instances the previous job of this worker parsed (same sha256) are not fetched again.

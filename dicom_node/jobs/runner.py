@@ -463,6 +463,7 @@ class LocalIO:
 
     def load(self, engine: Engine, job: Job) -> list[Dataset]:
         started = time.perf_counter()
+        self._loaded = {}  # a job that ended without recording (claim lost) left its sources here
         rows = source_rows(engine, job)
         cached = self.cache.take(r.sha256 for r in rows) if self.cache is not None else {}
         datasets = read_sources(self.storage, rows, cached)
