@@ -15,6 +15,7 @@ plain `celery -A dicom_node.jobs.celery_app worker`, from `UNIMEDVL_CONFIG` (or
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -110,6 +111,7 @@ class WorkerContext:
                 log.info("result writers warmed up in %.1f s", warm_up_writers())
             except Exception as exc:  # only the first job's speed is at stake
                 log.warning("warming up the result writers failed (%s); the first job pays it", type(exc).__name__)
+            log.info("%d long-lived objects exempted from full garbage collections", freeze_long_lived())
 
         threading.Thread(target=work, name="model-warm-up", daemon=True).start()
 
@@ -177,6 +179,19 @@ def warm_up_writers() -> float:
     seg = write_seg(result, sources, provenance)
     write_measurements_sr(result, seg, sources, provenance)
     return time.monotonic() - started
+
+
+def freeze_long_lived() -> int:
+    """Exempt what a worker keeps for its life (model, libraries, highdicom's tables of the
+    standard) from the cyclic garbage collector (`gc.freeze`); returns how many objects that is.
+
+    Warmed up, a worker tracks ~700k objects, and each full collection walked all of them:
+    0.2-0.55 s on a 2-core VM, at random points inside jobs (most often while a job parses its
+    sources, which allocates many objects). Frozen, full collections walk only what was
+    allocated since. `gc.collect()` first, so the warm-up's own garbage is not kept for life."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 def _stop_worker_process() -> None:

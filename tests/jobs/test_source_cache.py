@@ -8,6 +8,7 @@ never reaches the next job; another study's job parses its own files.
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +25,7 @@ from dicom_node.jobs.context import WorkerContext
 from dicom_node.jobs.runner import RAN_DONE, RAN_FAILED, execute_job
 from dicom_node.routing import parse_rules
 from inference.pipelines.errors import PipelineError
-from tests.jobs.conftest import complete_all, ct_study, ingest, write_config
+from tests.jobs.conftest import complete_all, ct_study, ingest, wait_for, write_config
 
 RULES = [
     {
@@ -120,3 +121,28 @@ def test_a_failed_job_puts_nothing_back(env: Any, tmp_path: Path, caplog: pytest
         (out,) = s.exec(select(JobOutput).where(JobOutput.job_id == second)).all()
     assert states == {first: FAILED, second: DONE}
     assert "SPOILED" not in str(dcmread(Path(settings.storage.path) / out.relpath).PatientName)
+
+
+def test_the_worker_warm_up_runs_the_writers_once_freezes_the_heap_and_stores_nothing(
+    env: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The pool child's warm-up pays the writers' first-use cost (imports, highdicom's tables)
+    after loading the model, so a worker's first job does not, then exempts what it keeps for
+    life from full garbage collections (gc.freeze); nothing reaches storage."""
+    settings, _, ctx = env
+    frozen = "long-lived objects exempted from full garbage collections"
+    try:
+        with caplog.at_level(logging.INFO, logger="dicom_node.jobs.context"):
+            ctx.warm_up_in_background()
+            wait_for(
+                lambda: any(frozen in r.getMessage() for r in caplog.records),
+                60,
+                "the warm-up's log lines",
+                lambda: "\n".join(r.getMessage() for r in caplog.records),
+            )
+        messages = [r.getMessage() for r in caplog.records]
+        assert any(m.startswith("result writers warmed up in") for m in messages), messages
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()  # the rest of this pytest process collects as usual
+    assert not any((Path(settings.storage.path) / "objects").rglob("*.dcm"))
