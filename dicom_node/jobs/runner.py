@@ -198,13 +198,9 @@ def read_dataset(data: bytes | Any) -> Dataset:
         raise JobInputError(f"a source instance cannot be read: {one_line(str(exc), 300)}") from None
 
 
-def load_datasets(
-    engine: Engine, storage: Storage, job: Job, *, cached: dict[str, Dataset] | None = None
-) -> list[Dataset]:
-    """The job's source instances, read from storage paths recorded in the index (never from received values).
-
-    `cached` (sha256 -> dataset, from `SourceCache.take`) supplies instances already parsed."""
-    return read_sources(storage, source_rows(engine, job), cached or {})
+def load_datasets(engine: Engine, storage: Storage, job: Job) -> list[Dataset]:
+    """The job's source instances, read from storage paths recorded in the index (never from received values)."""
+    return read_sources(storage, source_rows(engine, job), {})
 
 
 def read_sources(storage: Storage, rows: Sequence[SourceRow], cached: dict[str, Dataset]) -> list[Dataset]:

@@ -14,9 +14,9 @@ Safe because:
 - Pipelines and writers never modify their source datasets (writers work on
   `sr_writers.source_prep` copies; `tests/pipelines/test_sources_unchanged.py` checks every task).
 
-Memory: `take` empties the cache before the job reads anything it lacks, so a worker holds at most
-one job's sources at any time, as it did without the cache; `keep` holds nothing for a job whose
-stored files add up to more than `max_bytes`.
+Memory: between jobs a worker now keeps its last job's sources, unless their stored files add up
+to more than `max_bytes` (then nothing). `take` empties the cache before the next job reads what
+it lacks, so during a job a worker still holds only that job's sources.
 """
 
 from __future__ import annotations
