@@ -401,6 +401,23 @@ def pipeline_seconds(logs: list[str]) -> dict[int, float]:
     return out
 
 
+DONE_PHASES = re.compile(r"job (\d+) done: .*\(sources ([\d.]+) s, run ([\d.]+) s, record ([\d.]+) s\)")
+
+
+def job_phases(logs: list[str]) -> dict[int, dict[str, float]]:
+    """Each job's own split from the worker's "done" line: sources (load/parse or fetch), run
+    (the pipeline, slice sorting included), record (encode, store, output transaction); seconds."""
+    return {
+        int(m.group(1)): {
+            "sources_s": float(m.group(2)),
+            "run_phase_s": float(m.group(3)),
+            "record_s": float(m.group(4)),
+        }
+        for text in logs
+        for m in DONE_PHASES.finditer(text)
+    }
+
+
 def received_times(logs: list[str]) -> dict[int, datetime]:
     """When the worker's Celery consumer got each job's message (the "received" line before its claim)."""
     out: dict[int, datetime] = {}
@@ -587,6 +604,9 @@ def run_turnaround(
         t = turnaround(tl, gw.quiet, pipeline_seconds(logs), held, f"{label} ({len(files)} inst)", received_times(logs))
         t.outputs = n_out
         t.met = t.met and held == n_out
+        phases = job_phases(logs)
+        for j in t.per_job:
+            j.update(phases.get(j["id"], {}))
         if gw.split == "remote":
             t.bytes_moved = moved_bytes(logs) - before
         results.append(t)

@@ -36,6 +36,7 @@ from sqlalchemy.engine import Engine
 from dicom_node.export.outbox import EnqueueError
 from dicom_node.jobs.models import Job
 from dicom_node.jobs.runner import Claim, JobInputError, Output, encode_outputs, read_dataset, source_rows
+from dicom_node.jobs.source_cache import SourceCache
 
 log = logging.getLogger("dicom_node.jobs.remote")
 
@@ -92,6 +93,9 @@ class RemoteIO:
     tls_ca: str = ""
     bytes_in: int = field(default=0, init=False)  # moved so far, for logs and benchmarks
     bytes_out: int = field(default=0, init=False)
+    cache: SourceCache | None = None  # the last job's sources, for the next job (dicom_node.jobs.source_cache)
+    _loaded: dict[str, Dataset] = field(default_factory=dict, init=False, repr=False)
+    _loaded_bytes: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.client = httpx.Client(
@@ -126,35 +130,58 @@ class RemoteIO:
         return parts.parts
 
     def load(self, engine: Engine, job: Job) -> list[Dataset]:
+        self._loaded = {}  # a job that ended without recording (claim lost) left its sources here
         rows = source_rows(engine, job)
         started, before = time.perf_counter(), self.bytes_in
+        # Instances the previous job of this worker parsed (same sha256) are not fetched again.
+        cached = self.cache.take(r.sha256 for r in rows) if self.cache is not None else {}
         by_sha: dict[str, bytes] = {}
-        for series_uid in dict.fromkeys(r.series_uid for r in rows):
-            wanted = {r.sha256 for r in rows if r.series_uid == series_uid}
+        for series_uid in dict.fromkeys(r.series_uid for r in rows if r.sha256 not in cached):
+            wanted = {r.sha256 for r in rows if r.series_uid == series_uid and r.sha256 not in cached}
             for data in self.fetch_series(job.study_instance_uid, series_uid):
                 digest = hashlib.sha256(data).hexdigest()
                 if digest in wanted:
                     by_sha[digest] = data
-        missing = [r for r in rows if r.sha256 not in by_sha]
+        missing = [r for r in rows if r.sha256 not in by_sha and r.sha256 not in cached]
         if missing:
             raise JobInputError(
                 f"{len(missing)} of the job's {len(rows)} source instance(s) did not come from the node "
                 "with the sha256 the index recorded (changed or removed since the job was planned)"
             )
+        reused = sum(1 for r in rows if r.sha256 in cached)
         log.info(
-            "job %s: fetched %d instance(s), %d bytes over WADO-RS in %.3f s",
+            "job %s: fetched %d instance(s), %d bytes over WADO-RS in %.3f s (%d from the previous job)",
             job.id,
-            len(rows),
+            len(rows) - reused,
             self.bytes_in - before,
             time.perf_counter() - started,
+            reused,
         )
-        return [read_dataset(by_sha[r.sha256]) for r in rows]
+        datasets = [cached[r.sha256] if r.sha256 in cached else read_dataset(by_sha[r.sha256]) for r in rows]
+        if self.cache is not None:
+            self._loaded = {r.sha256: ds for r, ds in zip(rows, datasets, strict=True)}
+            self._loaded_bytes = sum(r.size for r in rows)
+        return datasets
 
     # ------------------------------------------------------------------ outputs
 
     def record(
         self,
         engine: Engine,
+        claim_: Claim,
+        outputs: Sequence[Output],
+        *,
+        summary: str | None,
+        model_info: dict[str, Any] | None,
+    ) -> int | None:
+        loaded, self._loaded = self._loaded, {}
+        recorded = self._upload(claim_, outputs, summary=summary, model_info=model_info)
+        if recorded is not None and self.cache is not None:
+            self.cache.keep(loaded, self._loaded_bytes)
+        return recorded
+
+    def _upload(
+        self,
         claim_: Claim,
         outputs: Sequence[Output],
         *,

@@ -95,7 +95,7 @@ def run_task(
     out.summary = _summary(kind, out, len(series))
     # No identifiers here: counts and timing only (logs must not carry PHI).
     log.info(
-        "task %s: %d series -> %d object(s) in %.1f s", kind, len(series), len(out.objects), time.monotonic() - started
+        "task %s: %d series -> %d object(s) in %.2f s", kind, len(series), len(out.objects), time.monotonic() - started
     )
     return out
 

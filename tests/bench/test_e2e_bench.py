@@ -91,6 +91,18 @@ def test_pipeline_seconds_follow_each_workers_claims():
     assert e2e.pipeline_seconds([a, b]) == {7: 1.5, 8: 12.0}
 
 
+def test_job_phases_come_from_the_done_lines():
+    log = "\n".join(
+        [
+            "2026-01-01 10:00:03,000 INFO dicom_node.jobs.runner: job 7 (report) claimed: attempt 1 of 3",
+            "2026-01-01 10:00:04,900 INFO dicom_node.jobs.runner: job 7 done: 1 output object(s) "
+            "(sources 0.061 s, run 1.520 s, record 0.013 s)",
+            "2026-01-01 10:00:06,000 INFO dicom_node.jobs.runner: job 8 done: 2 output object(s)",  # older worker
+        ]
+    )
+    assert e2e.job_phases([log]) == {7: {"sources_s": 0.061, "run_phase_s": 1.52, "record_s": 0.013}}
+
+
 def test_config_is_valid_and_uses_the_benchmark_rules(tmp_path: Path):
     from dicom_node.config import load_config
     from dicom_node.routing import parse_rules

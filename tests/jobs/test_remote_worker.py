@@ -30,6 +30,7 @@ from dicom_node.jobs import DONE, FAILED, RUNNING, Job, JobOutput, Planner
 from dicom_node.jobs.remote import RemoteIO, multipart_boundary
 from dicom_node.jobs.runner import Output, claim, source_rows
 from dicom_node.jobs.settings import as_utc
+from dicom_node.jobs.source_cache import SourceCache
 from dicom_node.routing import parse_rules
 from tests.conftest import REPO, free_port
 from tests.jobs.conftest import (
@@ -365,7 +366,7 @@ def test_remote_io_against_a_served_node(node_api: NodeAPI, tmp_path: Path) -> N
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    remote = RemoteIO(f"http://127.0.0.1:{port}", node_api.worker_token, 10)
+    remote = RemoteIO(f"http://127.0.0.1:{port}", node_api.worker_token, 10, cache=SourceCache())
     try:
         wait_for(lambda: server.started, 20, "the API server")
         c = claim(node_api.engine, node_api.job.id or 0, "remote:1")
@@ -382,6 +383,10 @@ def test_remote_io_against_a_served_node(node_api: NodeAPI, tmp_path: Path) -> N
             job = s.get(Job, node_api.job.id)
             assert job is not None and job.state == DONE and job.summary == "s"
             assert len(s.exec(select(JobOutput)).all()) == 1 and len(s.exec(select(OutboxRow)).all()) == 1
+        # The next job on these sources (same sha256) takes the parsed dataset: nothing over HTTP.
+        fetched = remote.bytes_in
+        (again,) = remote.load(node_api.engine, c.job)
+        assert again is ds and remote.bytes_in == fetched
     finally:
         remote.close()
         server.should_exit = True
