@@ -60,6 +60,11 @@ def _run_service(config: Path | None, *, api: bool, embedded_worker: bool) -> No
 
             announce_first_admin(settings, f"http://{settings.http.bind}")
         service.start()
+        # The process is ours: its start-up heap leaves the collector (see dicom_node/heap.py).
+        # Not in Service.start, which also runs inside other programs (tests, the demo).
+        from dicom_node.heap import freeze_long_lived
+
+        log.info("start-up heap frozen: %d objects", freeze_long_lived())
     except Exception as exc:
         log.exception("gateway failed to start")
         typer.echo(f"gateway failed to start: {exc}", err=True)

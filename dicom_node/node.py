@@ -26,6 +26,7 @@ from dicom_node.completion import CompletionMonitor, CompletionWaker
 from dicom_node.config import Settings
 from dicom_node.db import init_db, make_engine
 from dicom_node.export.wakeup import COMPLETION, Wakeup, announce
+from dicom_node.heap import freeze_long_lived
 from dicom_node.ingest import Ingest
 from dicom_node.logs import guard_phi, kv, setup_logging
 from dicom_node.metrics import observe_completion
@@ -69,6 +70,7 @@ def _listener_process(settings: Settings, slot: int, shared: Any, ready: Any, ev
         settings, ingest, reuse_port=True, active=ActiveAssociations(shared, slot), wake_completion=waker
     )
     listener.start()
+    freeze_long_lived()  # this process is ours from here on (see dicom_node/heap.py)
     ready.set()
     while not stop.wait(0.5):
         if os.getppid() == 1:  # the supervisor died: do not linger as an orphan

@@ -15,7 +15,6 @@ plain `celery -A dicom_node.jobs.celery_app worker`, from `UNIMEDVL_CONFIG` (or
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import signal
@@ -27,6 +26,7 @@ from typing import Any
 from pydicom import Dataset
 
 from dicom_node.db import make_engine
+from dicom_node.heap import freeze_long_lived
 from dicom_node.jobs.runner import JobIO, LocalIO, Output, execute_job, failure_reason, job_destinations
 from dicom_node.jobs.source_cache import SourceCache
 from dicom_node.storage import Storage
@@ -179,19 +179,6 @@ def warm_up_writers() -> float:
     seg = write_seg(result, sources, provenance)
     write_measurements_sr(result, seg, sources, provenance)
     return time.monotonic() - started
-
-
-def freeze_long_lived() -> int:
-    """Exempt what a worker keeps for its life (model, libraries, highdicom's tables of the
-    standard) from the cyclic garbage collector (`gc.freeze`); returns how many objects that is.
-
-    Warmed up, a worker tracks ~700k objects, and each full collection walked all of them:
-    0.2-0.55 s on a 2-core VM, at random points inside jobs (most often while a job parses its
-    sources, which allocates many objects). Frozen, full collections walk only what was
-    allocated since. `gc.collect()` first, so the warm-up's own garbage is not kept for life."""
-    gc.collect()
-    gc.freeze()
-    return gc.get_freeze_count()
 
 
 def _stop_worker_process() -> None:

@@ -5,6 +5,7 @@ a restart with jobs queued and outputs unsent resumes everything without duplica
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -177,6 +178,8 @@ def test_serve_and_demo_deliver_every_object_type_to_orthanc(tmp_path: Path, ser
         _console_shows_the_demo_study(serve, demo.stdout)
         assert serve.stop() == 0
         assert "DEMO^0001" not in serve.log.read_text()  # no PHI in the logs
+        # The serve process froze its start-up heap (dicom_node/heap.py), and its worker child too.
+        assert re.search(r"start-up heap frozen: [1-9]\d* objects", serve.log.read_text())
 
 
 def _console_shows_the_demo_study(serve: Serve, demo_out: str) -> None:
