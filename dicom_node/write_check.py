@@ -2,7 +2,7 @@
 
 pynetdicom's chunked receive (`_config.STORE_RECV_CHUNKED_DATASET`) writes each data fragment
 to its temporary file in its DUL thread; a failed write (ENOSPC, EFBIG, ...) raises there and
-ends the association with an A-ABORT, the sender never hears why (see docs/upstream/pynetdicom.md).
+the connection closes without a response, so the sender never hears why (docs/upstream/pynetdicom.md #6).
 The connection guard (dicom_node/transport_guard.py) therefore asks `WriteCheck` before it hands
 pynetdicom a fragment; when the answer is an error it hands empty fragments instead, and the
 C-STORE handler answers 0xA700 on an association that stays usable.
@@ -17,8 +17,8 @@ fragment (about 2 us: one statvfs):
   writes past it fail with EFBIG) or past the largest file the filesystem holds (FILESIZEBITS).
 
 What it cannot foresee: a quota (EDQUOT is per user and not in statvfs), a device error (EIO),
-or another process taking the space between the check and the write. pynetdicom then still
-aborts the association; the listener's temp-file sweeper removes what the write left.
+or another process taking the space between the check and the write. The connection then still
+closes without a response; the listener's temp-file sweeper removes what the write left.
 """
 
 from __future__ import annotations
