@@ -94,8 +94,6 @@ class RemoteIO:
     bytes_in: int = field(default=0, init=False)  # moved so far, for logs and benchmarks
     bytes_out: int = field(default=0, init=False)
     cache: SourceCache | None = None  # the last job's sources, for the next job (dicom_node.jobs.source_cache)
-    _loaded: dict[str, Dataset] = field(default_factory=dict, init=False, repr=False)
-    _loaded_bytes: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.client = httpx.Client(
@@ -130,7 +128,6 @@ class RemoteIO:
         return parts.parts
 
     def load(self, engine: Engine, job: Job) -> list[Dataset]:
-        self._loaded = {}  # a job that ended without recording (claim lost) left its sources here
         rows = source_rows(engine, job)
         started, before = time.perf_counter(), self.bytes_in
         # Instances the previous job of this worker parsed (same sha256) are not fetched again.
@@ -159,8 +156,7 @@ class RemoteIO:
         )
         datasets = [cached[r.sha256] if r.sha256 in cached else read_dataset(by_sha[r.sha256]) for r in rows]
         if self.cache is not None:
-            self._loaded = {r.sha256: ds for r, ds in zip(rows, datasets, strict=True)}
-            self._loaded_bytes = sum(r.size for r in rows)
+            self.cache.hold({r.sha256: ds for r, ds in zip(rows, datasets, strict=True)}, sum(r.size for r in rows))
         return datasets
 
     # ------------------------------------------------------------------ outputs
@@ -174,10 +170,9 @@ class RemoteIO:
         summary: str | None,
         model_info: dict[str, Any] | None,
     ) -> int | None:
-        loaded, self._loaded = self._loaded, {}
         recorded = self._upload(claim_, outputs, summary=summary, model_info=model_info)
         if recorded is not None and self.cache is not None:
-            self.cache.keep(loaded, self._loaded_bytes)
+            self.cache.keep_held()
         return recorded
 
     def _upload(

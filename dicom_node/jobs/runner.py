@@ -21,7 +21,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -454,18 +454,14 @@ class LocalIO:
     storage: Storage
     destinations: Callable[[Job], Sequence[str]]
     cache: SourceCache | None = None
-    _loaded: dict[str, Dataset] = field(default_factory=dict, init=False, repr=False)
-    _loaded_bytes: int = field(default=0, init=False, repr=False)
 
     def load(self, engine: Engine, job: Job) -> list[Dataset]:
         started = time.perf_counter()
-        self._loaded = {}  # a job that ended without recording (claim lost) left its sources here
         rows = source_rows(engine, job)
         cached = self.cache.take(r.sha256 for r in rows) if self.cache is not None else {}
         datasets = read_sources(self.storage, rows, cached)
         if self.cache is not None:
-            self._loaded = {r.sha256: ds for r, ds in zip(rows, datasets, strict=True)}
-            self._loaded_bytes = sum(r.size for r in rows)
+            self.cache.hold({r.sha256: ds for r, ds in zip(rows, datasets, strict=True)}, sum(r.size for r in rows))
         log.info(
             "job %s: %d source instance(s) in %.3f s (%d parsed, %d from the previous job)",
             job.id,
@@ -485,7 +481,6 @@ class LocalIO:
         summary: str | None,
         model_info: dict[str, Any] | None,
     ) -> int | None:
-        loaded, self._loaded = self._loaded, {}
         recorded = complete(
             engine,
             self.storage,
@@ -496,7 +491,7 @@ class LocalIO:
             model_info=model_info,
         )
         if recorded is not None and self.cache is not None:
-            self.cache.keep(loaded, self._loaded_bytes)
+            self.cache.keep_held()
         return None if recorded is None else len(recorded)
 
 

@@ -9,7 +9,7 @@ last one parsed.
 Safe because:
 - Entries are keyed by the sha256 the index recorded for each instance: a stored object never
   changes, and equal digests are equal bytes, so a hit is exactly what reading the file gives.
-- Only a job that recorded its outputs puts its sources back (`keep`); a failed or crashed job's
+- Only a job that recorded its outputs puts its sources back (`hold`, then `keep_held`); a failed or crashed job's
   datasets are dropped, whatever state it left them in.
 - Pipelines and writers never modify their source datasets (writers work on
   `sr_writers.source_prep` copies; `tests/pipelines/test_sources_unchanged.py` checks every task).
@@ -36,22 +36,33 @@ class SourceCache:
 
     max_bytes: int = DEFAULT_MAX_BYTES
     _entries: dict[str, Dataset] = field(default_factory=dict, repr=False)
+    _held: dict[str, Dataset] = field(default_factory=dict, repr=False)
+    _held_bytes: int = field(default=0, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def take(self, digests: Iterable[str]) -> dict[str, Dataset]:
-        """The cached datasets among `digests`; the cache is empty afterwards (the caller owns them)."""
+        """The cached datasets among `digests`; the cache is empty afterwards (the caller owns
+        them), and whatever an earlier job held without recording (claim lost) is dropped."""
         with self._lock:
             entries, self._entries = self._entries, {}
+            self._held, self._held_bytes = {}, 0
         return {d: entries[d] for d in digests if d in entries}
 
-    def keep(self, datasets: Mapping[str, Dataset], total_bytes: int) -> None:
-        """Hold `datasets` (sha256 -> dataset, `total_bytes` as stored) for the next job, if they fit."""
+    def hold(self, datasets: Mapping[str, Dataset], total_bytes: int) -> None:
+        """The running job's sources (sha256 -> dataset, `total_bytes` as stored), kept for the
+        next job only if this one records its outputs (`keep_held`)."""
         with self._lock:
-            self._entries = dict(datasets) if 0 <= total_bytes <= self.max_bytes else {}
+            self._held, self._held_bytes = dict(datasets), total_bytes
+
+    def keep_held(self) -> None:
+        """The job recorded its outputs: what it held serves the next job, if it fits `max_bytes`."""
+        with self._lock:
+            held, self._held = self._held, {}
+            self._entries = held if 0 <= self._held_bytes <= self.max_bytes else {}
 
     def clear(self) -> None:
         with self._lock:
-            self._entries = {}
+            self._entries, self._held = {}, {}
 
     def __len__(self) -> int:
         return len(self._entries)
