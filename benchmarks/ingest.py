@@ -178,6 +178,8 @@ class NodeProcess:
         self._log: Any = None
 
     def start(self) -> NodeProcess:
+        if self._proc is not None and self._proc.poll() is None:
+            return self  # already running: never a second server on the same port
         self.workdir.mkdir(parents=True, exist_ok=True)
         cfg = self.workdir / "unimedvl.toml"
         cfg.write_text(node_config(self.workdir, self.port, listeners=self.listeners, node_keys=self.node_keys))

@@ -367,6 +367,11 @@ class StoreSCP:
     host = "127.0.0.1"
 
     def start(self) -> Self:
+        if self._proc is not None and self._proc.poll() is None:
+            # Already running (e.g. `with StoreSCP(...).start()`): a second storescp on the same
+            # port would fail to bind while the first one answered the C-ECHO, and the first
+            # would outlive stop().
+            return self
         self.out_dir.mkdir(parents=True, exist_ok=True)
         cmd = [require("storescp"), "-aet", self.aet, "-od", str(self.out_dir), "+B", "-dhl"]
         cmd += ["-pdu", str(MAX_PDU), "-ta", "30", "-ts", "60"]

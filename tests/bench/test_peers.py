@@ -101,3 +101,17 @@ def test_split_evenly():
     assert [len(c) for c in chunks] == [4, 3, 3]
     assert [p for c in chunks for p in c] == items
     assert len(split_evenly(items[:2], 8)) == 2
+
+
+def test_storescp_started_twice_is_one_process_and_stop_ends_it(tmp_path: Path):
+    """`with StoreSCP(...).start()` starts it twice: the second start must not launch another
+    storescp on the same port (it fails to bind while the first answers C-ECHO, and the first
+    then outlives stop())."""
+    scp = StoreSCP(tmp_path / "scp")
+    with scp.start() as again:
+        first = scp._proc  # noqa: SLF001 - the process handle is what is under test
+        assert again is scp and scp._proc is first and first is not None  # noqa: SLF001
+        assert echo(scp.host, scp.port, scp.aet)
+    assert first.poll() is not None  # stopped: no storescp left behind
+    assert not echo(scp.host, scp.port, scp.aet, timeout=1)
+    assert "Address already in use" not in scp.log_path.read_text()

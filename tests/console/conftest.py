@@ -27,7 +27,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
 
     require_tool("storescp")
     tmp = tmp_path_factory.mktemp("console")
-    with StoreSCP(tmp / "pacs", aet="PACS").start() as pacs:
+    with StoreSCP(tmp / "pacs", aet="PACS") as pacs:
         sc = build(tmp, ("PACS", pacs.port))
         assert len(pacs.received_files()) >= 1  # the SEG (and its TID 1500) reached the PACS
     engine = make_engine(sc.settings.database.url)
