@@ -90,6 +90,21 @@ def identifying_values(paths: list[Path]) -> set[str]:
     return values
 
 
+def fixed_length_rules(folder: Path, steps: int) -> Path:
+    """A batch rules file (`--rules`) whose one task takes a fixed time per item: a synthesized
+    256x256 image of `steps` denoising steps (~20 ms a step on a 2-core CPU). For tests that kill,
+    disturb or overtake a batch mid-run: a report's length depends on where the tiny model emits
+    a stop token (and on how warm the worker is), so a batch of reports can end before the test
+    acts on a fast machine."""
+    rules = folder / "fixed_length_rules.toml"
+    rules.write_text(
+        '[[rules]]\nname = "fixed-length-synthesis"\nmatch = {}\n'
+        '[[rules.tasks]]\nkind = "synthesize"\nprompt = "A chest radiograph."\nsize = [256, 256]\n'
+        f"steps = {steps}\n"
+    )
+    return rules
+
+
 FAST_TASKS = ["--task", "report", "--task", "vqa", "--question", "Is there a nodule?", "--max-new-tokens", "3"]
 
 

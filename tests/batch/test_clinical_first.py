@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from tests.batch.conftest import make_archive
+from tests.batch.conftest import fixed_length_rules, make_archive
 from tests.conftest import REPO
 from tests.jobs.conftest import FAST_RULES, complete_all, cr_study, ingest, wait_for, write_config
 
@@ -40,13 +40,8 @@ def test_routed_study_finishes_while_a_large_batch_is_queued(tmp_path: Path) -> 
         settings, queues=["understanding", "batch"], stdout=wlog, stderr=subprocess.STDOUT, env=env
     )
     blog = tmp_path / "batch.log"
-    # Items of fixed length (150 denoising steps at 256x256, ~3 s on a 2-core CPU): a report's length
-    # depends on where the tiny model stops, and on a fast machine the batch could end before the test.
-    rules = tmp_path / "batch_rules.toml"
-    rules.write_text(
-        '[[rules]]\nname = "slow-synthesis"\nmatch = {}\n'
-        '[[rules.tasks]]\nkind = "synthesize"\nprompt = "A chest radiograph."\nsize = [256, 256]\nsteps = 150\n'
-    )
+    # Items of fixed length (150 steps, ~3 s each): the batch cannot end before the clinical job is planned.
+    rules = fixed_length_rules(tmp_path, 150)
     args = ["batch", str(root), "--out", str(tmp_path / "out"), "--rules", str(rules)]
     args += ["--workers", "0", "--window", "2", "--json-progress", "-c", str(settings.config_path)]
     batch = subprocess.Popen(

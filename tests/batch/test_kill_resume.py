@@ -16,11 +16,17 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.batch.conftest import make_archive, run_cli
+from tests.batch.conftest import fixed_length_rules, make_archive, run_cli
 from tests.conftest import REPO
 from tests.jobs.conftest import wait_for, write_config
 
-TASKS = ["--task", "report", "--max-new-tokens", "12", "--lease-seconds", "3", "--max-fetch", "2"]
+# Items of fixed length (60 denoising steps, ~1.2 s each; tests/batch/conftest.fixed_length_rules):
+# the batch is still running when the test kills it, however fast the machine and the worker.
+STEPS = 60
+
+
+def _tasks(folder: Path) -> list[str]:
+    return ["--rules", str(fixed_length_rules(folder, STEPS)), "--lease-seconds", "3", "--max-fetch", "2"]
 
 
 def _popen(args: list[str], log: Path) -> subprocess.Popen:
@@ -72,7 +78,7 @@ def test_kill_batch_and_resume_embedded(tmp_path: Path) -> None:
     db_url = f"sqlite:///{tmp_path / 'index.db'}"
     cfg = write_config(tmp_path, db_url, f"sqla+sqlite:///{tmp_path / 'broker.db'}")
     out = tmp_path / "out"
-    args = ["batch", str(root), "--out", str(out), *TASKS, "--json-progress", "-c", str(cfg)]
+    args = ["batch", str(root), "--out", str(out), *_tasks(tmp_path), "--json-progress", "-c", str(cfg)]
     log = tmp_path / "batch-1.log"
     proc = _popen(args, log)
     try:
@@ -111,7 +117,8 @@ def test_kill_batch_and_a_worker_resume_rabbitmq_postgres(tmp_path: Path, pg_url
         start_embedded_worker(settings, queues=["batch"], stdout=f, stderr=subprocess.STDOUT, env=env) for f in logs
     ]
     out = tmp_path / "out"
-    args = ["batch", str(root), "--out", str(out), *TASKS, "--workers", "0", "--json-progress", "-c", str(cfg)]
+    args = ["batch", str(root), "--out", str(out), *_tasks(tmp_path), "--workers", "0"]
+    args += ["--json-progress", "-c", str(cfg)]
     log = tmp_path / "batch-1.log"
     proc = _popen(args, log)
     try:
