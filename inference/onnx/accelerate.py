@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,8 +96,12 @@ def build_encoders(
     precision: str = "auto",
     max_image_side: int = 1024,
     threads: int | None = None,
+    available: Sequence[str] | None = None,
 ) -> OnnxEncoders:
-    """Export (if not cached) and open sessions for whichever of the ViT path and the VAE are given."""
+    """Export (if not cached) and open sessions for whichever of the ViT path and the VAE are given.
+
+    `available`: the execution providers to choose from (default: what onnxruntime offers here);
+    a requested one that is missing falls back with a warning (`select_providers`)."""
     if backend not in ("onnx", "tensorrt"):
         raise ValueError(f"build_encoders needs backend onnx or tensorrt, got {backend!r}")
     folders: dict[str, Path] = {}
@@ -126,7 +131,9 @@ def build_encoders(
         profiles = _trt_profiles(
             {"patches": ((1, pd), (37 * 37, pd), (n_max, pd)), "position_ids": ((1,), (37 * 37,), (n_max,))}
         )
-        providers = select_providers(backend, trt_cache_dir=folder / "trt", trt_profiles=profiles, **_dev(vit))
+        providers = select_providers(
+            backend, trt_cache_dir=folder / "trt", trt_profiles=profiles, available=available, **_dev(vit)
+        )
         vit_call = OnnxVit(
             OrtGraph(make_session(path, providers, threads=threads)), llm_hidden, next(vit.parameters()).dtype
         )
@@ -151,12 +158,16 @@ def build_encoders(
         dec_prof = _trt_profiles({"z": ((1, zc, 2, 2), (1, zc, 64, 64), (1, zc, s // f, s // f))})
         enc_sess = make_session(
             enc_path,
-            select_providers(backend, trt_cache_dir=folder / "trt_enc", trt_profiles=enc_prof, **_dev(ae)),
+            select_providers(
+                backend, trt_cache_dir=folder / "trt_enc", trt_profiles=enc_prof, available=available, **_dev(ae)
+            ),
             threads=threads,
         )
         dec_sess = make_session(
             dec_path,
-            select_providers(backend, trt_cache_dir=folder / "trt_dec", trt_profiles=dec_prof, **_dev(ae)),
+            select_providers(
+                backend, trt_cache_dir=folder / "trt_dec", trt_profiles=dec_prof, available=available, **_dev(ae)
+            ),
             threads=threads,
         )
         enc_call = OnnxVaeEncode(OrtGraph(enc_sess), ae)
