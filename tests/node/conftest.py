@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -199,3 +200,20 @@ def node_process() -> Iterator[Callable[..., NodeProcess]]:
     yield start
     for p in started:
         p.kill()
+
+
+class Gate:
+    """Stands in for the group commit's lock (`GroupCommit(lock=...)`): the test holds `lock`, and
+    `entered` is set when the leader reaches it inside its first transaction, so further
+    submissions queue up behind it and commit together."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.entered = threading.Event()
+
+    def __enter__(self) -> None:
+        self.entered.set()
+        self.lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.release()

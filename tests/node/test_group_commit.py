@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, create_engine, insert, select
 
 from dicom_node.group_commit import GroupCommit
+from tests.node.conftest import Gate
 
 META = MetaData()
 ROWS = Table("rows", META, Column("id", Integer, primary_key=True), Column("name", String, unique=True))
@@ -28,21 +29,6 @@ def _apply(conn: Any, created: dict[Any, Any], item: str) -> int:
     pk = conn.execute(insert(ROWS).values(name=item)).inserted_primary_key[0]
     created[item] = pk
     return int(pk)
-
-
-class Gate:
-    """The committer's lock, held by the test; `entered` is set when the committer reaches it."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.entered = threading.Event()
-
-    def __enter__(self) -> None:
-        self.entered.set()
-        self.lock.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.lock.release()
 
 
 def _gated_round(gc: GroupCommit, gate: Gate, names: list[str]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from dicom_node.db import init_db, make_engine
 from dicom_node.ingest import Ingest, Outcome, Peer
 from dicom_node.models import Series, Study, StudyRevision
 from dicom_node.storage import Storage
-from tests.node.conftest import make_ct
+from tests.node.conftest import Gate, make_ct
 
 PEER = Peer("MODALITY", "UNIMEDVL", "127.0.0.1")
 
@@ -75,21 +75,6 @@ def test_an_unknown_vr_leaves_the_data_set_to_pydicom(tmp_path: Path) -> None:
     walked = ingest_mod.check_encoding(memoryview(bytes(data))[head:], ExplicitVRLittleEndian, ingest_mod._COLLECT)
     assert walked is not None and walked.odd_vr
     assert ingest_mod._walked_dataset(bytes(data), head, walked, ExplicitVRLittleEndian) is None
-
-
-class Gate:
-    """Replaces the committer's lock: holds the leader inside its first transaction."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.entered = threading.Event()
-
-    def __enter__(self) -> None:
-        self.entered.set()
-        self.lock.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.lock.release()
 
 
 def test_one_batch_counts_like_one_transaction_per_instance(db_url: str, tmp_path: Path) -> None:
